@@ -1,0 +1,123 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need" (Vaswani et al. 2017, §3), for translation."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_tfm.blocks.attention import MultiHeadAttention, make_mask
+from lightning_tfm.blocks.embeddings import OutputProjection, TokenEmbedding
+from lightning_tfm.blocks.feedforward import ReLUFeedForward
+from lightning_tfm.blocks.kv_cache import DecoderCache
+from lightning_tfm.blocks.layers import NormPlacement
+from lightning_tfm.blocks.norms import LayerNorm
+from lightning_tfm.blocks.positions import SinusoidalPositions
+from lightning_tfm.models.stacks import (AttentionFactory, DecoderStack, EncoderStack, FeedForwardFactory,
+                                         InputEmbedding, NormFactory, PositionsFactory, check_sizes, init_weights)
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder and decoder stacks with embeddings scaled by sqrt(d_model), sinusoidal positions, and one
+    embedding matrix shared by source, target and the pre-softmax projection (paper §3.4) by default.
+
+    Args:
+        vocab_size: number of source token ids (and target ids when the vocabulary is shared).
+        d_model: width of the residual stream (paper: 512).
+        n_layers: layers in the encoder and in the decoder (paper: N = 6).
+        n_heads: query heads per attention block (paper: h = 8).
+        d_ff: inner width of the feed-forward blocks (paper: 2048).
+        dropout: residual and embedding dropout, in [0, 1) (paper: 0.1).
+        attention: factory (d_model, n_heads) -> self-attention block (encoder and decoder).
+        cross_attention: factory (d_model, n_heads) -> decoder-to-encoder attention block.
+        feedforward: factory (d_model, d_ff) -> feed-forward block.
+        norm: factory (d_model,) -> normalization.
+        positions: factory (d_model, n_heads) -> position scheme, one for each side.
+        norm_placement: "post" (the paper) or "pre".
+        tgt_vocab_size: target vocabulary when it differs from the source one; None shares one vocabulary.
+        share_embeddings: one embedding matrix for source and target (needs one shared vocabulary).
+        tie_embeddings: the target embedding is also the pre-softmax projection.
+        scale_embeddings: multiply embeddings by sqrt(d_model) (paper §3.4).
+        output_bias: learn a per-token bias on the output logits (Marian).
+        n_decoder_layers: decoder layers when they differ from n_layers; None means n_layers.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
+                 d_ff: int = 2048, dropout: float = 0.1, attention: AttentionFactory = MultiHeadAttention,
+                 cross_attention: AttentionFactory = MultiHeadAttention,
+                 feedforward: FeedForwardFactory = ReLUFeedForward, norm: NormFactory = LayerNorm,
+                 positions: PositionsFactory = SinusoidalPositions, norm_placement: NormPlacement = "post",
+                 tgt_vocab_size: int | None = None, share_embeddings: bool = True, tie_embeddings: bool = True,
+                 scale_embeddings: bool = True, output_bias: bool = False,
+                 n_decoder_layers: int | None = None) -> None:
+        super().__init__()
+        n_decoder_layers = n_layers if n_decoder_layers is None else n_decoder_layers
+        check_sizes("EncoderDecoder", vocab_size, d_model, n_heads, min(n_layers, n_decoder_layers), d_ff, dropout)
+        tgt_vocab_size = vocab_size if tgt_vocab_size is None else tgt_vocab_size
+        if share_embeddings and tgt_vocab_size != vocab_size:
+            raise ValueError(f"EncoderDecoder: share_embeddings=True needs one vocabulary, but vocab_size="
+                             f"{vocab_size} and tgt_vocab_size={tgt_vocab_size}")
+        self.vocab_size, self.tgt_vocab_size, self.d_model = vocab_size, tgt_vocab_size, d_model
+        self.n_decoder_layers = n_decoder_layers
+        src_tokens = TokenEmbedding(vocab_size, d_model, scale_embeddings)
+        tgt_tokens = src_tokens if share_embeddings else TokenEmbedding(tgt_vocab_size, d_model, scale_embeddings)
+        self.src_embedding = InputEmbedding(src_tokens, positions(d_model, n_heads), dropout)
+        self.tgt_embedding = InputEmbedding(tgt_tokens, positions(d_model, n_heads), dropout)
+        self.encoder = EncoderStack(n_layers, d_model, n_heads, d_ff, attention, feedforward, norm, dropout,
+                                    norm_placement)
+        self.decoder = DecoderStack(n_decoder_layers, d_model, n_heads, d_ff, attention, cross_attention,
+                                    feedforward, norm, dropout, norm_placement)
+        self.output = OutputProjection(d_model, tgt_vocab_size, bias=output_bias)
+        init_weights(self, n_layers + n_decoder_layers, "xavier")
+        if tie_embeddings:
+            self.output.tie_to(tgt_tokens)
+
+    @property
+    def max_len(self) -> int:
+        return self.src_embedding.positions.max_len
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None,
+                tgt_mask: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits.
+
+        Args:
+            src: (B, S) source ids.
+            tgt: (B, T) target ids, shifted right (starting with the start token).
+            src_mask: (B, S) bool, True for real source tokens; None if nothing is padded.
+            tgt_mask: (B, T) bool, True for real target tokens; None if nothing is padded.
+        Returns:
+            (B, T, V) logits of the next target token.
+        """
+        return self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask)
+
+    def encode(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
+        """(B, S) source ids -> (B, S, C) memory for the decoder."""
+        S = src.shape[1]
+        positions = self.src_embedding.positions
+        mask = make_mask(src_mask, S, S, causal=False, bias=positions.attention_bias(S, S))
+        return self.encoder(self.src_embedding(src), mask, rotary=positions.rotary(S))
+
+    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor | None = None, tgt_mask: Tensor | None = None,
+               cache: DecoderCache | None = None) -> Tensor:
+        """Args:
+            tgt: (B, T) target ids after the cached positions.
+            memory: (B, S, C) encoder output (read once into the cache when one is given).
+            src_mask: (B, S) source padding mask.
+            tgt_mask: (B, cached + T) target padding mask, or None.
+            cache: self- and cross-attention caches for incremental decoding.
+        Returns:
+            (B, T, V) logits.
+        """
+        offset = cache.length if cache is not None else 0
+        T, S = tgt.shape[1], offset + tgt.shape[1]
+        positions = self.tgt_embedding.positions
+        self_mask = make_mask(tgt_mask, T, S, causal=True, bias=positions.attention_bias(T, S))
+        memory_mask = make_mask(src_mask, T, memory.shape[1], causal=False)
+        x = self.tgt_embedding(tgt, offset)
+        x = self.decoder(x, memory, self_mask, memory_mask, cache, positions.rotary(T, offset))
+        return self.output(x)
+
+    def new_cache(self, max_len: int = 0) -> DecoderCache:
+        """An empty decoder cache (self- and cross-attention), preallocated for max_len target positions."""
+        return DecoderCache(self.n_decoder_layers, max_len, cross=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
