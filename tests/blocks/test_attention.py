@@ -1,0 +1,120 @@
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_tfm.blocks.attention import MultiHeadAttention, make_mask
+from lightning_tfm.blocks.kv_cache import KVCache
+from lightning_tfm.blocks.positions import ALiBiPositions
+
+torch.manual_seed(0)
+
+
+def _padding(B=3, S=6):
+    real = torch.ones(B, S, dtype=torch.bool)
+    real[1, 4:] = False
+    real[2, 2:] = False
+    return real
+
+
+def test_self_attention_equals_torch_multihead_attention_with_padding_and_causal_masks():
+    ours = MultiHeadAttention(16, 4).eval()
+    theirs = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    with torch.no_grad():
+        theirs.in_proj_weight.copy_(ours.qkv.weight)
+        theirs.in_proj_bias.copy_(ours.qkv.bias)
+        theirs.out_proj.weight.copy_(ours.out.weight)
+        theirs.out_proj.bias.copy_(ours.out.bias)
+    x, real = torch.randn(3, 6, 16), _padding()
+    future = torch.ones(6, 6, dtype=torch.bool).triu(1)                   # torch's convention: True = blocked
+    want, _ = theirs(x, x, x, key_padding_mask=~real, attn_mask=future)
+    got = ours(x, mask=make_mask(real, 6, 6, causal=True))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    want_bidirectional, _ = theirs(x, x, x, key_padding_mask=~real)
+    torch.testing.assert_close(ours(x, mask=make_mask(real, 6, 6, causal=False)), want_bidirectional,
+                               atol=1e-5, rtol=0)
+
+
+def test_cross_attention_uses_the_two_slices_of_the_fused_projection():
+    attn = MultiHeadAttention(16, 4).eval()
+    x, memory, real = torch.randn(3, 5, 16), torch.randn(3, 6, 16), _padding()
+    W, b = attn.qkv.weight, attn.qkv.bias
+    q = (x @ W[:16].T + b[:16]).view(3, 5, 4, 4).transpose(1, 2)
+    k = (memory @ W[16:32].T + b[16:32]).view(3, 6, 4, 4).transpose(1, 2)
+    v = (memory @ W[32:].T + b[32:]).view(3, 6, 4, 4).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)) / 2.0 + torch.where(real[:, None, None, :], 0.0, float("-inf"))
+    want = attn.out((logits.softmax(-1) @ v).transpose(1, 2).reshape(3, 5, 16))
+    got = attn(x, context=memory, mask=make_mask(real, 5, 6, causal=False))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("case", ["none", "padding", "causal", "causal_padding", "alibi"])
+def test_fused_and_weights_returning_paths_agree(n_kv_heads, case):
+    attn = MultiHeadAttention(16, 4, n_kv_heads=n_kv_heads).eval()
+    x, real = torch.randn(3, 6, 16), _padding()
+    bias = ALiBiPositions(16, 4).attention_bias(6, 6) if case == "alibi" else None
+    mask = make_mask(real if "padding" in case or case == "alibi" else None, 6, 6,
+                     causal=case.startswith("causal") or case == "alibi", bias=bias)
+    fused = attn(x, mask=mask)
+    attn.keep_weights = True
+    explicit = attn(x, mask=mask)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+    weights = attn.weights
+    assert weights.shape == (3, 4, 6, 6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 6))
+    if case.startswith("causal"):
+        assert (weights.triu(1) == 0).all()
+    if "padding" in case:
+        assert (weights[2, :, :, 2:] == 0).all()
+
+
+def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_heads():
+    gqa = MultiHeadAttention(16, 4, n_kv_heads=2).eval()
+    mha = MultiHeadAttention(16, 4).eval()
+    W, b = gqa.qkv.weight, gqa.qkv.bias
+    k_rows, v_rows = W[16:24].view(2, 4, 16), W[24:32].view(2, 4, 16)
+    kb, vb = b[16:24].view(2, 4), b[24:32].view(2, 4)
+    with torch.no_grad():
+        mha.qkv.weight.copy_(torch.cat([W[:16], k_rows.repeat_interleave(2, 0).reshape(16, 16),
+                                        v_rows.repeat_interleave(2, 0).reshape(16, 16)]))
+        mha.qkv.bias.copy_(torch.cat([b[:16], kb.repeat_interleave(2, 0).flatten(), vb.repeat_interleave(2, 0).flatten()]))
+        mha.out.load_state_dict(gqa.out.state_dict())
+    x = torch.randn(2, 5, 16)
+    mask = make_mask(None, 5, 5, causal=True)
+    torch.testing.assert_close(gqa(x, mask=mask), mha(x, mask=mask), atol=1e-5, rtol=0)
+    assert gqa.qkv.weight.shape == (32, 16)          # fewer key/value parameters
+
+
+def test_kv_cache_step_by_step_equals_full_causal_attention():
+    attn = MultiHeadAttention(16, 4, n_kv_heads=2).eval()
+    x = torch.randn(2, 7, 16)
+    full = attn(x, mask=make_mask(None, 7, 7, causal=True))
+    cache = KVCache(max_len=3)                       # grows past its preallocation
+    first = attn(x[:, :3], mask=make_mask(None, 3, 3, causal=True), cache=cache)
+    steps = [attn(x[:, t:t + 1], mask=make_mask(None, 1, t + 1, causal=True), cache=cache) for t in range(3, 7)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, atol=1e-5, rtol=0)
+    assert cache.length == 7
+
+
+def test_fully_masked_rows_stay_finite_in_half_precision():
+    attn = MultiHeadAttention(16, 4).eval().to(torch.bfloat16)
+    x = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+    real = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    for bias in (None, ALiBiPositions(16, 4).attention_bias(4, 4)):
+        out = attn(x, mask=make_mask(real, 4, 4, causal=True, bias=bias))
+        assert torch.isfinite(out).all()
+        attn.keep_weights = True
+        assert torch.isfinite(attn(x, mask=make_mask(real, 4, 4, causal=True, bias=bias))).all()
+        attn.keep_weights = False
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(d_model=10, n_heads=4), "d_model=10 is not divisible by n_heads=4"),
+    (dict(d_model=16, n_heads=4, n_kv_heads=3), "n_heads=4 is not divisible by n_kv_heads=3"),
+    (dict(d_model=16, n_heads=4, dropout=-0.1), r"dropout=-0.1, must be in \[0, 1\)"),
+])
+def test_bad_configuration_fails_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MultiHeadAttention(**kwargs)
