@@ -3,7 +3,6 @@ a language-model head."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lightning_tfm.blocks.attention import MultiHeadAttention, make_mask

@@ -1,4 +1,3 @@
-from functools import partial
 
 import pytest
 import torch
@@ -79,7 +78,8 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_heads
     with torch.no_grad():
         mha.qkv.weight.copy_(torch.cat([W[:16], k_rows.repeat_interleave(2, 0).reshape(16, 16),
                                         v_rows.repeat_interleave(2, 0).reshape(16, 16)]))
-        mha.qkv.bias.copy_(torch.cat([b[:16], kb.repeat_interleave(2, 0).flatten(), vb.repeat_interleave(2, 0).flatten()]))
+        mha.qkv.bias.copy_(torch.cat([b[:16], kb.repeat_interleave(2, 0).flatten(),
+                                      vb.repeat_interleave(2, 0).flatten()]))
         mha.out.load_state_dict(gqa.out.state_dict())
     x = torch.randn(2, 5, 16)
     mask = make_mask(None, 5, 5, causal=True)

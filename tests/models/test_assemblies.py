@@ -8,7 +8,7 @@ from lightning_tfm.blocks.feedforward import SwiGLU
 from lightning_tfm.blocks.norms import RMSNorm
 from lightning_tfm.blocks.positions import ALiBiPositions, LearnedPositions, RotaryPositions, SinusoidalPositions
 from lightning_tfm.models import DecoderOnly, EncoderDecoder, EncoderOnly
-from lightning_tfm.models.presets import (bert_base_like, gpt2_small_like, transformer_base, transformer_big)
+from lightning_tfm.models.presets import BertBaseLike, GPT2SmallLike, TransformerBase, TransformerBig
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0)
 DECODER_VARIANTS = {
@@ -86,15 +86,15 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("build, paper_count", [(transformer_base, 65e6), (transformer_big, 213e6)])
+@pytest.mark.parametrize("build, paper_count", [(TransformerBase, 65e6), (TransformerBig, 213e6)])
 def test_paper_presets_count_within_5_percent_of_table_3(build, paper_count):
     count = _count(build(vocab_size=37000))
     assert abs(count - paper_count) / paper_count < 0.05, count
 
 
 def test_bert_and_gpt2_presets_count_like_the_published_models():
-    assert abs(_count(gpt2_small_like()) - 124.44e6) / 124.44e6 < 0.001            # GPT-2 small: 124,439,808
-    bert = _count(bert_base_like())                                                 # BERT-base without pooler
+    assert abs(_count(GPT2SmallLike()) - 124.44e6) / 124.44e6 < 0.001            # GPT-2 small: 124,439,808
+    bert = _count(BertBaseLike())                                                 # BERT-base without pooler
     assert abs(bert - 108.89e6) / 108.89e6 < 0.001
 
 
