@@ -1,8 +1,6 @@
-"""Convert Hugging Face transformers checkpoints into our assemblies with the same outputs: GPT-2 to
-`DecoderOnly`, BERT to `EncoderOnly`, Marian to `EncoderDecoder`. Reads a model instance's `config` and
-`state_dict`, or a directory's `config.json` and safetensors, so transformers is never imported here.
-HF's names (`n_embd`, `hidden_size`, ...) appear only in this file.
-"""
+"""Convert Hugging Face transformers checkpoints into our assemblies with the same outputs (GPT-2 to
+`DecoderOnly`, BERT to `EncoderOnly`, Marian to `EncoderDecoder`), from a model instance's config and state_dict
+or a directory's config.json and safetensors; transformers is never imported here."""
 
 from __future__ import annotations
 
@@ -10,9 +8,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -34,20 +33,18 @@ Converted = DecoderOnly | EncoderOnly | EncoderDecoder
 # save_pretrained writes only the config values that differ from the class defaults, so a directory's
 # config.json is read on top of these (copied from transformers 5.24's GPT2Config, BertConfig, MarianConfig)
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
-                 activation_function="gelu_new", resid_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
-                 scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False,
-                 tie_word_embeddings=True),
-    "bert": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
-                 attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
-                 layer_norm_eps=1e-12, is_decoder=False, add_cross_attention=False,
-                 position_embedding_type="absolute"),
-    "marian": dict(vocab_size=58101, decoder_vocab_size=None, max_position_embeddings=1024, encoder_layers=12,
-                   encoder_ffn_dim=4096, encoder_attention_heads=16, decoder_layers=12, decoder_ffn_dim=4096,
-                   decoder_attention_heads=16, activation_function="gelu", d_model=1024, dropout=0.1,
-                   attention_dropout=0.0, activation_dropout=0.0, scale_embedding=False,
-                   share_encoder_decoder_embeddings=True, tie_word_embeddings=True),
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+             "activation_function": "gelu_new", "resid_pdrop": 0.1, "attn_pdrop": 0.1, "layer_norm_epsilon": 1e-5,
+             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False},
+    "bert": {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+             "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 2,
+             "layer_norm_eps": 1e-12, "is_decoder": False, "add_cross_attention": False,
+             "position_embedding_type": "absolute"},
+    "marian": {"vocab_size": 58101, "max_position_embeddings": 1024, "encoder_layers": 12, "encoder_ffn_dim": 4096,
+               "encoder_attention_heads": 16, "decoder_layers": 12, "decoder_ffn_dim": 4096,
+               "decoder_attention_heads": 16, "activation_function": "gelu", "d_model": 1024, "dropout": 0.1,
+               "attention_dropout": 0.0, "activation_dropout": 0.0, "scale_embedding": False},
 }
 # where the backbone sits inside the task models (GPT2LMHeadModel.transformer, BertForMaskedLM.bert, ...)
 _PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "marian": "model."}
@@ -55,7 +52,6 @@ _PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "marian": "model."}
 _DROPPED = {
     "gpt2": r"(multiple_choice_head|score|qa_outputs|classifier)\.|h\.\d+\.attn\.(masked_)?bias$",
     "bert": r"(pooler|cls|classifier|qa_outputs)\.|embeddings\.(position_ids|token_type_ids)$",
-    "marian": r"$^",
 }
 
 
@@ -139,21 +135,20 @@ class _Weights:
         self.used.add(key)
         return self.state[key]
 
-    def tied(self, *keys: str) -> Tensor:
-        """One weight saved under several tied names; save_pretrained keeps only some of them."""
+    def first(self, *keys: str) -> Tensor:
+        """The first of `keys` the checkpoint has. The others are marked as read too: they are tied copies
+        that save_pretrained may leave out, or Marian's `shared`, which transformers 5 leaves unused when
+        tie_word_embeddings=False."""
         present = [k for k in keys if k in self.state]
         if not present:
-            raise ValueError(f"{self.model_type}: the checkpoint has none of the tied weights {list(keys)}")
-        first = self(present[0])
-        for key in present[1:]:
-            if not torch.equal(self(key), first):
-                raise ValueError(f"{self.model_type}: {present[0]!r} and {key!r} should be tied but differ; "
-                                 "check the config's tie_word_embeddings / share_encoder_decoder_embeddings")
-        return first
+            raise ValueError(f"{self.model_type}: the checkpoint has none of the weights {list(keys)}")
+        self.used.update(present)
+        return self.state[present[0]]
 
     def check_all_used(self) -> None:
         left = [k for k in self.state if k not in self.used]
-        dropped = [k for k in left if re.match(_DROPPED[self.model_type], k)]
+        pattern = _DROPPED.get(self.model_type)
+        dropped = [k for k in left if pattern and re.match(pattern, k)]
         unknown = sorted(set(left) - set(dropped))
         if unknown:
             raise ValueError(f"{self.model_type}: weights our model has no place for: {unknown}")
@@ -208,28 +203,33 @@ def _fused_qkv(w: _Weights, srcs: tuple[str, str, str], dst: str) -> dict[str, T
             f"{dst}.bias": torch.cat([w(f"{s}.bias") for s in srcs])}
 
 
+_GPT2_LAYER = {"ln_1": "attention_residual.norm", "attn.c_attn": "attention.qkv", "attn.c_proj": "attention.out",
+               "ln_2": "feedforward_residual.norm", "mlp.c_fc": "feedforward.fc1", "mlp.c_proj": "feedforward.fc2"}
+
+
 def _gpt2(c: dict[str, Any], w: _Weights) -> tuple[DecoderOnly, dict[str, Tensor]]:
     _require(c, "gpt2", scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
-    # GPT2Model has no lm_head, and an instance's state_dict lists the tied lm_head too
-    tied = c["tie_word_embeddings"] or "lm_head.weight" not in w.state
+    tokens = w("wte.weight")
+    output = w.first("lm_head.weight", "wte.weight")    # GPT2Model and save_pretrained have no lm_head
+    tied = torch.equal(output, tokens)
     model = DecoderOnly(
         c["vocab_size"], d_model=c["n_embd"], n_layers=c["n_layer"], n_heads=c["n_head"],
         d_ff=c["n_inner"] or 4 * c["n_embd"], dropout=c["resid_pdrop"],
         attention=partial(MultiHeadAttention, dropout=c["attn_pdrop"]),
         feedforward=_feedforward(c, "activation_function"), norm=partial(LayerNorm, eps=c["layer_norm_epsilon"]),
         positions=partial(LearnedPositions, max_len=c["n_positions"]), norm_placement="pre", tie_embeddings=tied)
-    state = {"embedding.tokens.weight": w("wte.weight"), "embedding.positions.table.weight": w("wpe.weight"),
-             "output.weight": w.tied("wte.weight", "lm_head.weight") if tied else w("lm_head.weight"),
+    state = {"embedding.tokens.weight": tokens, "embedding.positions.table.weight": w("wpe.weight"),
+             "output.weight": output,
              **_affine(w, "ln_f", "stack.final_norm")}
     for i in range(c["n_layer"]):
-        src, dst = f"h.{i}", f"stack.layers.{i}"
-        state |= _affine(w, f"{src}.ln_1", f"{dst}.attention_residual.norm")
-        state |= _affine(w, f"{src}.attn.c_attn", f"{dst}.attention.qkv", transpose=True)   # columns [q|k|v]
-        state |= _affine(w, f"{src}.attn.c_proj", f"{dst}.attention.out", transpose=True)
-        state |= _affine(w, f"{src}.ln_2", f"{dst}.feedforward_residual.norm")
-        state |= _affine(w, f"{src}.mlp.c_fc", f"{dst}.feedforward.fc1", transpose=True)
-        state |= _affine(w, f"{src}.mlp.c_proj", f"{dst}.feedforward.fc2", transpose=True)
+        for theirs, ours in _GPT2_LAYER.items():     # Conv1D weights are (in, out): transpose all but the norms
+            state |= _affine(w, f"h.{i}.{theirs}", f"stack.layers.{i}.{ours}", transpose=not theirs.startswith("ln"))
     return model, state
+
+
+_BERT_LAYER = {"attention.output.dense": "attention.out", "attention.output.LayerNorm": "attention_residual.norm",
+               "intermediate.dense": "feedforward.fc1", "output.dense": "feedforward.fc2",
+               "output.LayerNorm": "feedforward_residual.norm"}
 
 
 def _bert(c: dict[str, Any], w: _Weights) -> tuple[EncoderOnly, dict[str, Tensor]]:
@@ -249,12 +249,18 @@ def _bert(c: dict[str, Any], w: _Weights) -> tuple[EncoderOnly, dict[str, Tensor
         src, dst = f"encoder.layer.{i}", f"stack.layers.{i}"
         qkv = tuple(f"{src}.attention.self.{name}" for name in ("query", "key", "value"))
         state |= _fused_qkv(w, qkv, f"{dst}.attention.qkv")
-        state |= _affine(w, f"{src}.attention.output.dense", f"{dst}.attention.out")
-        state |= _affine(w, f"{src}.attention.output.LayerNorm", f"{dst}.attention_residual.norm")
-        state |= _affine(w, f"{src}.intermediate.dense", f"{dst}.feedforward.fc1")
-        state |= _affine(w, f"{src}.output.dense", f"{dst}.feedforward.fc2")
-        state |= _affine(w, f"{src}.output.LayerNorm", f"{dst}.feedforward_residual.norm")
+        for theirs, ours in _BERT_LAYER.items():
+            state |= _affine(w, f"{src}.{theirs}", f"{dst}.{ours}")
     return model, state
+
+
+# Marian's layer sub-modules -> ours: attention blocks, then the Linears and LayerNorms around them
+_MARIAN_ATTENTION = {"encoder": {"self_attn": "attention"},
+                     "decoder": {"self_attn": "self_attention", "encoder_attn": "cross_attention"}}
+_FEEDFORWARD = {"fc1": "feedforward.fc1", "fc2": "feedforward.fc2", "final_layer_norm": "feedforward_residual.norm"}
+_MARIAN_AFFINE = {"encoder": {"self_attn_layer_norm": "attention_residual.norm", **_FEEDFORWARD},
+                  "decoder": {"self_attn_layer_norm": "self_attention_residual.norm",
+                              "encoder_attn_layer_norm": "cross_attention_residual.norm", **_FEEDFORWARD}}
 
 
 def _marian(c: dict[str, Any], w: _Weights) -> tuple[EncoderDecoder, dict[str, Tensor]]:
@@ -263,7 +269,13 @@ def _marian(c: dict[str, Any], w: _Weights) -> tuple[EncoderDecoder, dict[str, T
         if c[enc] != c[dec]:
             raise ValueError(f"marian: config {enc}={c[enc]} differs from {dec}={c[dec]}; EncoderDecoder "
                              "uses one value for both stacks")
-    shared, tied = c["share_encoder_decoder_embeddings"], c["tie_word_embeddings"]
+    # sharing is read from the weights HF computes with: transformers 5 unties encoder, decoder and lm_head
+    # when tie_word_embeddings=False, whatever share_encoder_decoder_embeddings says
+    src = w.first("encoder.embed_tokens.weight", "shared.weight")
+    tgt = w.first("decoder.embed_tokens.weight", "shared.weight")
+    output = w.first("lm_head.weight", "decoder.embed_tokens.weight", "shared.weight")
+    shared = src.shape == tgt.shape and torch.equal(src, tgt)
+    tied = torch.equal(output, tgt)
     attention = partial(MultiHeadAttention, dropout=c["attention_dropout"])
     model = EncoderDecoder(
         c["vocab_size"], d_model=c["d_model"], n_layers=c["encoder_layers"], n_heads=c["encoder_attention_heads"],
@@ -271,42 +283,23 @@ def _marian(c: dict[str, Any], w: _Weights) -> tuple[EncoderDecoder, dict[str, T
         feedforward=_feedforward(c, "activation_function", c["activation_dropout"]),
         norm=partial(LayerNorm, eps=1e-5),   # Marian's nn.LayerNorm default; the config has no eps key
         positions=partial(SinusoidalPositions, max_len=c["max_position_embeddings"], layout="split"),
-        norm_placement="post", tgt_vocab_size=c["decoder_vocab_size"] or c["vocab_size"],
+        norm_placement="post", tgt_vocab_size=len(tgt),
         share_embeddings=shared, tie_embeddings=tied, scale_embeddings=c["scale_embedding"], output_bias=True,
         n_decoder_layers=c["decoder_layers"])
-    tgt_keys = ("shared.weight", "decoder.embed_tokens.weight") if shared else ("decoder.embed_tokens.weight",)
-    src = w.tied("shared.weight", "encoder.embed_tokens.weight") if shared else w("encoder.embed_tokens.weight")
-    tgt = w.tied(*tgt_keys)
     bias = w("final_logits_bias").reshape(-1) if "final_logits_bias" in w.state else torch.zeros(len(tgt))
     state = {"src_embedding.tokens.weight": src, "tgt_embedding.tokens.weight": tgt, "output.bias": bias,
-             "output.weight": w.tied(*tgt_keys, "lm_head.weight") if tied else w("lm_head.weight")}
-    for side, embedding in (("encoder", model.src_embedding), ("decoder", model.tgt_embedding)):
+             "output.weight": output}
+    for side, n_layers, embedding in (("encoder", c["encoder_layers"], model.src_embedding),
+                                      ("decoder", c["decoder_layers"], model.tgt_embedding)):
         _check_sinusoids(w, f"{side}.embed_positions.weight", embedding.positions)
-    for i in range(c["encoder_layers"]):
-        state |= _marian_attention(w, f"encoder.layers.{i}.self_attn", f"encoder.layers.{i}.attention")
-        state |= _marian_sublayers(w, f"encoder.layers.{i}", f"encoder.layers.{i}",
-                                   {"self_attn_layer_norm": "attention_residual"})
-    for i in range(c["decoder_layers"]):
-        src_l, dst_l = f"decoder.layers.{i}", f"decoder.layers.{i}"
-        state |= _marian_attention(w, f"{src_l}.self_attn", f"{dst_l}.self_attention")
-        state |= _marian_attention(w, f"{src_l}.encoder_attn", f"{dst_l}.cross_attention")
-        state |= _marian_sublayers(w, src_l, dst_l, {"self_attn_layer_norm": "self_attention_residual",
-                                                     "encoder_attn_layer_norm": "cross_attention_residual"})
+        for i in range(n_layers):
+            layer = f"{side}.layers.{i}"                  # the same path in both models
+            for theirs, ours in _MARIAN_ATTENTION[side].items():
+                state |= _fused_qkv(w, tuple(f"{layer}.{theirs}.{x}_proj" for x in "qkv"), f"{layer}.{ours}.qkv")
+                state |= _affine(w, f"{layer}.{theirs}.out_proj", f"{layer}.{ours}.out")
+            for theirs, ours in _MARIAN_AFFINE[side].items():
+                state |= _affine(w, f"{layer}.{theirs}", f"{layer}.{ours}")
     return model, state
-
-
-def _marian_attention(w: _Weights, src: str, dst: str) -> dict[str, Tensor]:
-    return {**_fused_qkv(w, (f"{src}.q_proj", f"{src}.k_proj", f"{src}.v_proj"), f"{dst}.qkv"),
-            **_affine(w, f"{src}.out_proj", f"{dst}.out")}
-
-
-def _marian_sublayers(w: _Weights, src: str, dst: str, norms: dict[str, str]) -> dict[str, Tensor]:
-    """Feed-forward and the post-norms of one layer; `norms` maps HF's attention norms to our residuals."""
-    state = {**_affine(w, f"{src}.fc1", f"{dst}.feedforward.fc1"), **_affine(w, f"{src}.fc2", f"{dst}.feedforward.fc2"),
-             **_affine(w, f"{src}.final_layer_norm", f"{dst}.feedforward_residual.norm")}
-    for theirs, ours in norms.items():
-        state |= _affine(w, f"{src}.{theirs}", f"{dst}.{ours}.norm")
-    return state
 
 
 def _check_sinusoids(w: _Weights, key: str, positions: SinusoidalPositions) -> None:
@@ -320,4 +313,5 @@ def _check_sinusoids(w: _Weights, key: str, positions: SinusoidalPositions) -> N
 
 
 _CONVERTERS: dict[str, Callable[[dict[str, Any], _Weights], tuple[Converted, dict[str, Tensor]]]] = {
-    "gpt2": _gpt2, "bert": _bert, "marian": _marian}
+    "gpt2": _gpt2, "bert": _bert, "marian": _marian,
+}

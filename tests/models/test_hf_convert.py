@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_tfm.blocks.feedforward import GELUFeedForward, ReLUFeedForward, SiLUFeedForward
+from lightning_tfm.blocks.norms import LayerNorm
 from lightning_tfm.models.decoder_only import DecoderOnly
 from lightning_tfm.models.encoder_decoder import EncoderDecoder
 from lightning_tfm.models.encoder_only import EncoderOnly
@@ -41,6 +42,13 @@ def _padded(lengths, T, vocab=V, seed=0):
     return ids.masked_fill(~real, 0), real
 
 
+def _same_eps(ours, theirs):
+    """Every LayerNorm has the eps of transformers' (too small a difference for the parity tests to see)."""
+    mine = {m.eps for m in ours.modules() if isinstance(m, LayerNorm)}
+    hf = {m.eps for m in theirs.modules() if isinstance(m, torch.nn.LayerNorm)}
+    return mine == hf and len(hf) == 1
+
+
 def _check(label, got, want):
     diff = (got - want).abs().max().item()
     print(f"\n{label}: max abs diff {diff:.3g}")
@@ -60,6 +68,7 @@ def test_gpt2_matches_transformers_on_padded_batch():
     theirs = _gpt2()
     ours = from_huggingface(theirs)
     assert isinstance(ours, DecoderOnly) and ours.output.weight is ours.embedding.tokens.weight
+    assert _same_eps(ours, theirs)
     ff = ours.stack.layers[0].feedforward
     assert isinstance(ff, GELUFeedForward) and ff.approximate == "tanh"
     ids, real = _padded([17, 12, 5], 17)
@@ -116,7 +125,7 @@ def _bert(cls_name="BertModel", **overrides):
 def test_bert_matches_transformers_on_padded_batch():
     theirs = _bert()
     ours = from_huggingface(theirs)
-    assert isinstance(ours, EncoderOnly) and ours.embedding.norm.eps == 1e-12
+    assert isinstance(ours, EncoderOnly) and _same_eps(ours, theirs)
     assert ours.stack.layers[0].feedforward.approximate == "none"
     ids, real = _padded([15, 10, 3], 15)
     segments = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(4))
@@ -144,19 +153,21 @@ def test_bert_task_model_from_directory_keeps_backbone(tmp_path, cls_name):
 
 def _marian(**overrides):
     torch.manual_seed(0)
-    args = dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
-                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                pad_token_id=0, decoder_start_token_id=0, eos_token_id=2, forced_eos_token_id=2,
-                scale_embedding=True, activation_function="swish")
+    args = {"vocab_size": V, "d_model": 32, "encoder_layers": 2, "decoder_layers": 3, "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_position_embeddings": 64,
+            "pad_token_id": 0, "decoder_start_token_id": 0, "eos_token_id": 2, "forced_eos_token_id": 2,
+            "scale_embedding": True, "activation_function": "swish"}
     cfg = transformers.MarianConfig(**{**args, **overrides})
     return _jitter(transformers.MarianMTModel(cfg))
 
 
+# case -> config overrides, feed-forward class, (encoder/decoder embeddings shared, output tied to them)
 MARIAN_CASES = {
-    "swish-shared": dict(),
-    "gelu-unshared-vocab": dict(activation_function="gelu", share_encoder_decoder_embeddings=False,
-                                decoder_vocab_size=89, scale_embedding=False),
-    "relu-untied": dict(activation_function="relu", tie_word_embeddings=False),
+    "swish-shared": ({}, SiLUFeedForward, (True, True)),
+    "gelu-unshared-vocab": ({"activation_function": "gelu", "share_encoder_decoder_embeddings": False,
+                             "decoder_vocab_size": 89, "scale_embedding": False}, GELUFeedForward, (False, True)),
+    # transformers 5 unties everything, `shared` included, when tie_word_embeddings=False
+    "relu-untied": ({"activation_function": "relu", "tie_word_embeddings": False}, ReLUFeedForward, (False, False)),
 }
 
 
@@ -173,10 +184,13 @@ def _marian_logits(theirs, src, src_real, tgt, tgt_real):
 
 @pytest.mark.parametrize("case", list(MARIAN_CASES))
 def test_marian_matches_transformers_on_padded_batch(case):
-    theirs = _marian(**MARIAN_CASES[case])
+    overrides, ff, (shared, tied) = MARIAN_CASES[case]
+    theirs = _marian(**overrides)
     ours = from_huggingface(theirs)
-    ff = {"swish-shared": SiLUFeedForward, "gelu-unshared-vocab": GELUFeedForward, "relu-untied": ReLUFeedForward}
-    assert isinstance(ours, EncoderDecoder) and isinstance(ours.encoder.layers[0].feedforward, ff[case])
+    assert isinstance(ours, EncoderDecoder) and isinstance(ours.encoder.layers[0].feedforward, ff)
+    assert _same_eps(ours, theirs)
+    assert (ours.src_embedding.tokens is ours.tgt_embedding.tokens) == shared
+    assert (ours.output.weight is ours.tgt_embedding.tokens.weight) == tied
     src, src_real, tgt, tgt_real = _marian_inputs(theirs)
     with torch.no_grad():
         got = ours(src, tgt, src_real, tgt_real)
@@ -249,3 +263,23 @@ def test_unsupported_config_values_are_named():
         from_huggingface(_gpt2(activation_function="quick_gelu"))
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True is not supported"):
         from_huggingface(_gpt2(scale_attn_by_inverse_layer_idx=True))
+
+
+def test_missing_and_extra_weights_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _gpt2().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    extra = {**weights, "transformer.h.0.attn.rotary.weight": torch.zeros(2)}
+    save_file(extra, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"gpt2: weights our model has no place for: \['h.0.attn.rotary.weight'\]"):
+        from_huggingface(tmp_path)
+    del weights["transformer.h.1.ln_2.bias"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="gpt2: the checkpoint has no weight 'h.1.ln_2.bias'"):
+        from_huggingface(tmp_path)
+
+
+def test_other_inputs_are_a_type_error():
+    with pytest.raises(TypeError, match="expected a transformers model or a directory, got Linear"):
+        from_huggingface(torch.nn.Linear(2, 2))
