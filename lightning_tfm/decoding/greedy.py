@@ -3,7 +3,7 @@ EOS or at its length limit, stop the loop when every row has stopped."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

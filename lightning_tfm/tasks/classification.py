@@ -1,0 +1,101 @@
+"""Sequence classification with the encoder-only Transformer (BERT §4.1): pooled hidden states, a linear head,
+cross-entropy, and accuracy and macro-F1 over the whole evaluation set. Label names travel with the checkpoint
+so predictions come back as names."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim import AdamW, Optimizer
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from lightning_tfm.models.encoder_only import EncoderOnly
+from lightning_tfm.models.heads import ClassificationHead
+from lightning_tfm.tasks.base import OptimizerFactory, ScheduleFactory, TaskModule
+
+
+class ClassificationModule(TaskModule):
+    """Classify sequences (or sequence pairs) with an `EncoderOnly` backbone and a `ClassificationHead`.
+
+    Args:
+        model: the encoder (vocab_size is linked from the data by the CLI).
+        n_classes: number of classes (linked from the data's label set by the CLI).
+        pooling: "cls" (first token, BERT) or "mean" over real tokens.
+        head_dropout: dropout before the classifier, in [0, 1).
+        pooler: BERT's dense + tanh layer on the pooled vector.
+        optimizer: factory params -> optimizer; None is AdamW(lr=1e-4, weight_decay=0.01).
+        lr_schedule: factory optimizer -> scheduler stepped every step; None for a constant lr.
+    """
+
+    def __init__(self, model: EncoderOnly, n_classes: int = 2, pooling: Literal["cls", "mean"] = "cls",
+                 head_dropout: float = 0.1, pooler: bool = False, optimizer: OptimizerFactory | None = None,
+                 lr_schedule: ScheduleFactory | None = None) -> None:
+        super().__init__(optimizer, lr_schedule)
+        self.save_hyperparameters()
+        self.model = model
+        self.head = ClassificationHead(model.d_model, n_classes, pooling, head_dropout, pooler)
+        metrics = MetricCollection({"acc": MulticlassAccuracy(n_classes, average="micro"),
+                                    "f1": MulticlassF1Score(n_classes, average="macro")})
+        self.val_metrics, self.test_metrics = metrics.clone(prefix="val_"), metrics.clone(prefix="test_")
+        self.label_names: list[str] = [str(i) for i in range(n_classes)]
+
+    def forward(self, ids: Tensor, mask: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
+        """(B, T) ids -> (B, n_classes) logits."""
+        return self.head(self.model(ids, mask, segments), mask)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self._logits(batch), batch["labels"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        probs = self._logits(batch).float().softmax(-1)
+        best = probs.argmax(-1)
+        return [{"label": self.label_names[i], "probability": round(p[i].item(), 6),
+                 "probabilities": {name: round(q, 6) for name, q in zip(self.label_names, p.tolist())}}
+                for i, p in zip(best.tolist(), probs)]
+
+    def default_optimizer(self, params: Iterable) -> Optimizer:
+        return AdamW(params, lr=1e-4, weight_decay=0.01)
+
+    def check_data(self, datamodule: Any) -> None:
+        super().check_data(datamodule)
+        names = list(datamodule.label_names)
+        if len(names) != self.hparams.n_classes:
+            raise ValueError(f"the data has {len(names)} labels {names} but the model was built with "
+                             f"n_classes={self.hparams.n_classes}")
+        self.label_names = names
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["label_names"] = self.label_names
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        stored = checkpoint.get("label_names")
+        if stored is not None and self.label_names != [str(i) for i in range(len(stored))] \
+                and list(stored) != self.label_names:
+            raise ValueError(f"the data's labels {self.label_names} differ from the checkpoint's {stored}")
+        if stored is not None:
+            self.label_names = list(stored)
+
+    def _logits(self, batch: dict[str, Any]) -> Tensor:
+        return self(batch["ids"], batch["mask"], batch.get("segments"))
+
+    def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MetricCollection) -> None:
+        logits = self._logits(batch)
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.log(f"{stage}_loss", loss, batch_size=len(batch["labels"]), sync_dist=True)
+        metrics.update(logits.argmax(-1), batch["labels"])
+        self.log_dict(metrics, prog_bar=True, batch_size=len(batch["labels"]))
+

@@ -1,0 +1,126 @@
+"""Translation with the encoder-decoder Transformer, trained and decoded as in "Attention Is All You Need":
+teacher forcing on the target shifted right, label-smoothed cross-entropy (§5.4), Adam(0.9, 0.98, 1e-9) with
+the inverse-square-root schedule (§5.3), beam search with beam 4 and length penalty 0.6, output length up to
+input length + 50 (§6.1), and corpus BLEU (sacreBLEU) over the whole evaluation set."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim import Adam, Optimizer
+from torchmetrics.text import SacreBLEUScore
+
+from lightning_tfm.decoding import beam_search, greedy_search
+from lightning_tfm.models.encoder_decoder import EncoderDecoder
+from lightning_tfm.tasks.base import OptimizerFactory, ScheduleFactory, TaskModule
+
+
+class TranslationModule(TaskModule):
+    """Train an `EncoderDecoder` on sentence pairs, evaluate with corpus BLEU, translate with beam search.
+
+    Args:
+        model: the encoder-decoder (vocab_size is linked from the data by the CLI).
+        label_smoothing: epsilon of label smoothing (paper: 0.1).
+        beam_size: beam for test and predict (paper: 4); 1 is greedy search.
+        val_beam_size: beam for validation BLEU; 1 (greedy) keeps validation fast.
+        length_penalty: alpha of the GNMT penalty ((5 + |Y|) / 6)^alpha (paper: 0.6).
+        max_extra_len: outputs may be this many tokens longer than their input (paper: 50).
+        optimizer: factory params -> optimizer; None is the paper's Adam(lr=1, betas=(0.9, 0.98), eps=1e-9),
+            whose lr of 1 lets `InverseSqrtSchedule` set the paper's values.
+        lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `InverseSqrtSchedule`.
+    """
+
+    def __init__(self, model: EncoderDecoder, label_smoothing: float = 0.1, beam_size: int = 4,
+                 val_beam_size: int = 1, length_penalty: float = 0.6, max_extra_len: int = 50,
+                 optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None) -> None:
+        super().__init__(optimizer, lr_schedule)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"TranslationModule: label_smoothing={label_smoothing}, must be in [0, 1)")
+        if beam_size < 1 or val_beam_size < 1:
+            raise ValueError(f"TranslationModule: beam_size={beam_size} and val_beam_size={val_beam_size} "
+                             "must be >= 1")
+        self.save_hyperparameters()
+        self.model = model
+        self.label_smoothing, self.length_penalty, self.max_extra_len = label_smoothing, length_penalty, max_extra_len
+        self.beam_size, self.val_beam_size = beam_size, val_beam_size
+        self.val_bleu, self.test_bleu = SacreBLEUScore(tokenize="13a"), SacreBLEUScore(tokenize="13a")
+        self.pad_id = self.bos_id = self.eos_id = -1
+
+    def forward(self, src: Tensor, src_mask: Tensor | None = None, beam_size: int | None = None) -> Tensor:
+        """Translate a batch: (B, S) source ids -> (B, L) target ids (EOS included, padded with pad_id)."""
+        beam_size = self.beam_size if beam_size is None else beam_size
+        step, reorder = self._incremental(src, src_mask)
+        src_len = src_mask.sum(-1) if src_mask is not None else torch.full((src.shape[0],), src.shape[1])
+        max_len = (src_len + self.max_extra_len).to(src.device)
+        start = torch.full((src.shape[0],), self.bos_id, dtype=torch.long, device=src.device)
+        if beam_size == 1:
+            return greedy_search(step, start, self.eos_id, max_len, self.pad_id)
+        return beam_search(step, reorder, start, self.eos_id, max_len, beam_size=beam_size,
+                           alpha=self.length_penalty, pad_id=self.pad_id).tokens
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, n_tokens = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=n_tokens)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_beam_size, self.val_bleu)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.beam_size, self.test_bleu)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        return self.detokenize(self(batch["src"], batch["src_mask"]))
+
+    def default_optimizer(self, params: Iterable) -> Optimizer:
+        return Adam(params, lr=1.0, betas=(0.9, 0.98), eps=1e-9)
+
+    def check_data(self, datamodule: Any) -> None:
+        super().check_data(datamodule)
+        self.pad_id, self.bos_id, self.eos_id = datamodule.pad_id, datamodule.bos_id, datamodule.eos_id
+
+    def detokenize(self, ids: Tensor) -> list[str]:
+        """(B, L) target ids -> text, stopping at EOS and dropping special tokens."""
+        rows = []
+        for row in ids.tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            rows.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return rows
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Label-smoothed cross-entropy per target token, padding ignored; the target is fed shifted right."""
+        tgt, tgt_mask = batch["tgt"], batch["tgt_mask"]            # (B, T + 1): BOS y1 .. yn EOS
+        logits = self.model(batch["src"], tgt[:, :-1], batch["src_mask"], tgt_mask[:, :-1])   # (B, T, V)
+        labels = tgt[:, 1:].masked_fill(~tgt_mask[:, 1:], -100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               label_smoothing=self.label_smoothing)
+        return loss, int(tgt_mask[:, 1:].sum())
+
+    def _evaluate(self, batch: dict[str, Any], stage: str, beam_size: int, bleu: SacreBLEUScore) -> None:
+        loss, n_tokens = self._loss(batch)
+        self.log(f"{stage}_loss", loss, batch_size=n_tokens, sync_dist=True)
+        hypotheses = self.detokenize(self(batch["src"], batch["src_mask"], beam_size))
+        bleu.update(hypotheses, [[ref] for ref in batch["refs"]])
+        self.log(f"{stage}_bleu", bleu, prog_bar=True, batch_size=len(hypotheses))
+
+    def _incremental(self, src: Tensor, src_mask: Tensor | None):
+        """Step and reorder closures over one KV cache; the encoder runs once per sentence, not per beam."""
+        model = self.model
+        state = {"memory": model.encode(src, src_mask), "src_mask": src_mask}
+        cache = model.new_cache()
+
+        def step(tokens: Tensor) -> Tensor:
+            logits = model.decode(tokens, state["memory"], state["src_mask"], cache=cache)[:, -1]
+            return logits.float().log_softmax(-1)
+
+        def reorder(index: Tensor) -> None:
+            cache.select(index)
+            state["memory"] = state["memory"].index_select(0, index)
+            if state["src_mask"] is not None:
+                state["src_mask"] = state["src_mask"].index_select(0, index)
+
+        return step, reorder
