@@ -1,0 +1,14 @@
+"""The LightningDataModules, one file per task family, on a shared base that owns the tokenizer."""
+
+from lightning_tfm.data.datamodules.base import TextDataModule
+from lightning_tfm.data.datamodules.classification import (ClassificationDataModule, ClassificationDataset,
+                                                           collate_classification)
+from lightning_tfm.data.datamodules.language_model import (LanguageModelDataModule, RandomOffsetSampler, TokenBlocks,
+                                                           collate_blocks, collate_prompts)
+from lightning_tfm.data.datamodules.translation import TranslationDataModule, TranslationDataset, collate_translation
+
+__all__ = [
+    "ClassificationDataModule", "ClassificationDataset", "LanguageModelDataModule", "RandomOffsetSampler",
+    "TextDataModule", "TokenBlocks", "TranslationDataModule", "TranslationDataset", "collate_blocks",
+    "collate_classification", "collate_prompts", "collate_translation",
+]

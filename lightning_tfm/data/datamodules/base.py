@@ -1,0 +1,213 @@
+"""What every text DataModule shares: its tokenizer (trained once on the training split, or loaded), the
+DDP rank, and the bucketed DataLoaders.
+
+The tokenizer is trained by `prepare_data` (once per node) and saved as `<tokenizer_dir>/tokenizer.json`
+with a `tokenizer_source.json` beside it recording what it was trained on (files, sizes, settings). Later
+runs and the other ranks load that file while the record still matches, and retrain when the data or the
+settings change. Properties such as `vocab_size` train or load the tokenizer on first use, so LightningCLI
+can link `data.vocab_size` into the model right after building the datamodule.
+
+Under DDP our batch samplers split the data across ranks themselves (every rank gets the same number of
+batches), so the Trainer must not inject its own: use `Trainer(use_distributed_sampler=False)`; otherwise
+Lightning stops with a TypeError saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tokenizers import Tokenizer
+
+from lightning_tfm.data.batching import BucketBatchSampler
+from lightning_tfm.data.tokenizers import (SpecialIds, SpecialTokens, TokenizerKind, load_tokenizer, save_tokenizer,
+                                           special_token_ids, train_tokenizer)
+
+log = logging.getLogger(__name__)
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Base of the text DataModules; subclasses say what to train the tokenizer on and build the datasets.
+
+    Args:
+        tokenizer_path: an existing tokenizer.json to use as is; None trains one on the training split.
+        tokenizer_dir: where a trained tokenizer is saved (and reused while its training data is unchanged).
+        tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
+        tokenizer_vocab_size: vocabulary size to train, special tokens included (ignored by "char").
+        special_tokens: the string of each special role; trained tokenizers give them ids 0, 1, ...
+        num_workers: DataLoader worker processes.
+        seed: seed of the batch order (and of any random split).
+    """
+
+    #: special roles a subclass cannot work without
+    required_specials: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer_path: str | None, tokenizer_dir: str, tokenizer_kind: TokenizerKind,
+                 tokenizer_vocab_size: int, special_tokens: SpecialTokens, num_workers: int, seed: int) -> None:
+        super().__init__()
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers}, must be >= 0")
+        self.tokenizer_path, self.tokenizer_dir = tokenizer_path, tokenizer_dir
+        self.tokenizer_kind, self.tokenizer_vocab_size = tokenizer_kind, tokenizer_vocab_size
+        self.special_tokens, self.num_workers, self.seed = special_tokens, num_workers, seed
+        self._tokenizer: Tokenizer | None = None
+        self._special_ids: SpecialIds | None = None
+        self._datasets: dict[str, Dataset] = {}
+        # No save_hyperparameters(): SpecialTokens is a dataclass, which `torch.load(weights_only=True)` refuses
+        # to unpickle from a checkpoint; LightningCLI's config.yaml records these arguments instead.
+
+    # --- what subclasses provide -------------------------------------------------------------------------
+
+    def training_texts(self) -> Iterator[str]:
+        """The texts the tokenizer is trained on (the training split only)."""
+        raise NotImplementedError
+
+    def training_files(self) -> list[str]:
+        """Files `training_texts` reads, fingerprinted to decide whether a saved tokenizer is stale."""
+        raise NotImplementedError
+
+    def tokenizer_source(self) -> dict[str, Any]:
+        """Everything a trained tokenizer depends on; subclasses add their split settings."""
+        files = []
+        for name in self.training_files():
+            stat = Path(name).stat()
+            files.append({"path": str(Path(name).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        return {"kind": self.tokenizer_kind, "vocab_size": self.tokenizer_vocab_size,
+                "special_tokens": self.special_tokens.tokens(), "files": files}
+
+    # --- the tokenizer -----------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, loaded from `tokenizer_path`, reused from `tokenizer_dir`, or trained now."""
+        if self._tokenizer is None:
+            if self.tokenizer_path is not None:
+                if not Path(self.tokenizer_path).is_file():
+                    raise FileNotFoundError(f"data.tokenizer_path={self.tokenizer_path} does not exist; leave it "
+                                            "unset to train one on the training split")
+                tokenizer = load_tokenizer(self.tokenizer_path)
+            else:
+                tokenizer = self._trained_tokenizer()
+            # fail here, naming the missing token, rather than at the first batch
+            self._special_ids = special_token_ids(tokenizer, self.special_tokens, self.required_specials)
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        """Ids of the special roles (pad, unk, bos, eos, cls, sep, mask); None where unused."""
+        if self._special_ids is None:
+            self._special_ids = special_token_ids(self.tokenizer, self.special_tokens, self.required_specials)
+        return self._special_ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included: the model's embedding size."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int | None:
+        """Id of the padding token (None if the role is unused)."""
+        return self.special_ids.pad
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of the begin-of-sequence token (None if the role is unused)."""
+        return self.special_ids.bos
+
+    @property
+    def eos_id(self) -> int | None:
+        """Id of the end-of-sequence token (None if the role is unused)."""
+        return self.special_ids.eos
+
+    def prepare_data(self) -> None:
+        """Train and save the tokenizer (Lightning calls this on one process per node)."""
+        _ = self.tokenizer
+
+    def _trained_tokenizer(self) -> Tokenizer:
+        path = Path(self.tokenizer_dir) / "tokenizer.json"
+        record = path.with_name("tokenizer_source.json")
+        source = self.tokenizer_source()
+        if path.is_file() and record.is_file() and json.loads(record.read_text(encoding="utf-8")) == source:
+            log.info("reusing the tokenizer in %s", path)
+            return load_tokenizer(path)
+        if path.is_file():
+            log.info("retraining %s: its training data or settings changed", path)
+        tokenizer = train_tokenizer(self.training_texts(), self.tokenizer_kind, self.tokenizer_vocab_size,
+                                    self.special_tokens)
+        save_tokenizer(tokenizer, path)
+        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(source, indent=1), encoding="utf-8")
+        os.replace(tmp, record)
+        log.info("trained a %s tokenizer with %d tokens, saved to %s", self.tokenizer_kind,
+                 tokenizer.get_vocab_size(), path)
+        return tokenizer
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens (added by each DataModule where it needs them)."""
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    # --- splits ------------------------------------------------------------------------------------------
+
+    def has_split(self, split: str) -> bool:
+        """Whether `split` ("train", "val", "test" or "predict") is configured."""
+        raise NotImplementedError
+
+    def build_dataset(self, split: str) -> Dataset:
+        """Read and tokenize one split."""
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> Dataset:
+        """The split's dataset, built on first use and kept."""
+        if split not in self._datasets:
+            self._datasets[split] = self.build_dataset(split)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and tokenize the splits a stage needs: "fit", "validate", "test", "predict", or None for
+        train, val and test."""
+        for split in _STAGE_SPLITS.get(stage or "", ("train", "val", "test")):
+            if self.has_split(split):
+                self.dataset(split)
+
+    # --- loaders -----------------------------------------------------------------------------------------
+
+    def world(self) -> tuple[int, int]:
+        """(num_replicas, rank) from the attached Trainer, else torch.distributed, else (1, 0)."""
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def bucketed_loader(self, dataset: Dataset, lengths: Sequence[int], collate: Callable[[list[Any]], Any],
+                        max_tokens: int | None, batch_size: int | None, shuffle: bool,
+                        pool_size: int = 16384) -> DataLoader:
+        """A DataLoader over `dataset` with a `BucketBatchSampler` split across this process's DDP rank."""
+        num_replicas, rank = self.world()
+        sampler = BucketBatchSampler(lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
+                                     seed=self.seed, pool_size=pool_size, num_replicas=num_replicas, rank=rank)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+
+def check_file(key: str, path: str) -> None:
+    """Raise FileNotFoundError naming the config key when `path` is not a file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.{key}={path} does not exist")
+
+
+def check_batching(max_tokens: int | None, batch_size: int | None) -> None:
+    """At least one of the two limits, each >= 1."""
+    if max_tokens is None and batch_size is None:
+        raise ValueError("data.max_tokens and data.batch_size are both None; set one (or both)")
+    for key, value in (("max_tokens", max_tokens), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"data.{key}={value}, must be >= 1 or None")

@@ -1,0 +1,270 @@
+"""Text classification data: TSV/CSV/JSONL tables with one text column or a pair of them, BERT-style inputs
+`cls a sep [b sep]` with segment ids (Devlin et al. 2019, §3), labels learned from the training split.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_tfm.data.batching import pad_batch
+from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
+from lightning_tfm.data.readers import Row, read_table
+from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+
+
+@dataclass
+class ClassificationDataset(Dataset):
+    """Encoded examples; item i is {"index", "ids", "segments", "label"} with label None when unlabelled.
+
+    Args:
+        ids: token ids per example, special tokens included.
+        segments: segment id (0 first text, 1 second) per token.
+        labels: class index (single-label) or sorted class indices (multi-label) per example; None if absent.
+    """
+
+    ids: list[list[int]]
+    segments: list[list[int]]
+    labels: list[int | list[int]] | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"index": i, "ids": self.ids[i], "segments": self.segments[i],
+                "label": None if self.labels is None else self.labels[i]}
+
+
+def collate_classification(items: list[dict[str, Any]], pad_id: int, n_classes: int, multi_label: bool,
+                           pairs: bool, pad_to_multiple: int = 8) -> dict[str, Any]:
+    """ids/mask (B, T), segments (B, T) for pairs, labels (B,) int64 or (B, n_classes) float multi-hot."""
+    ids, mask = pad_batch([it["ids"] for it in items], pad_id, pad_to_multiple)
+    batch: dict[str, Any] = {"ids": ids, "mask": mask, "index": torch.tensor([it["index"] for it in items])}
+    if pairs:
+        batch["segments"] = pad_batch([it["segments"] for it in items], 0, pad_to_multiple)[0]
+    if items[0]["label"] is not None:
+        if multi_label:
+            labels = torch.zeros(len(items), n_classes)
+            for row, it in enumerate(items):
+                labels[row, it["label"]] = 1.0
+            batch["labels"] = labels
+        else:
+            batch["labels"] = torch.tensor([it["label"] for it in items])
+    return batch
+
+
+class ClassificationDataModule(TextDataModule):
+    """Labelled texts (or text pairs) for sequence classification, SST-2 by default.
+
+    Each input is `cls + a + sep`, or `cls + a + sep + b + sep` with `text_pair_column` (e.g. premise /
+    hypothesis), the longer text losing tokens first when the pair is over `max_len` (BERT's
+    `_truncate_seq_pair`). Label names are the sorted distinct labels of the training split; a validation
+    or test label never seen in training is an error naming its file and line. With `label_delimiter`,
+    a label cell holds several labels (multi-label). AG News has no validation file: set `val_fraction`.
+    The tokenizer's mask token is kept for masked-LM pretraining on the same texts (see `data.masking`).
+
+    Batches: "ids" (B, T) int64, "mask" (B, T) bool (True = real token), "index" (B,) int64 (position in the
+    split), "labels" (B,) int64 class indices, or (B, n_classes) float multi-hot with a label_delimiter;
+    "segments" (B, T) int64 (0 = first text, 1 = second) only for pairs. Predict batches have no "labels"
+    when the predict file has no label column. T is a multiple of 8.
+
+    Args:
+        train_path: training table (.tsv read without quoting, .csv with standard quoting, .jsonl; optionally .gz).
+        val_path: validation table, or None (see val_fraction).
+        test_path: test table, or None.
+        predict_path: table to classify, which needs only the text column(s); None predicts the test split.
+        text_column: the column holding the text.
+        text_pair_column: the column holding the second text of a pair, or None for single texts.
+        label_column: the column holding the label.
+        label_delimiter: splits a label cell into several labels (multi-label), e.g. ","; None for one label.
+        val_fraction: when val_path is None, hold out this random fraction of the training rows (drawn with
+            seed) as validation; the tokenizer and label names see only the rest. Ignored when val_path is set.
+        max_len: most tokens per input, special tokens included.
+        truncate: cut longer inputs to max_len with a warning; False raises naming the file and line.
+        max_tokens: padded tokens per batch; None for fixed-size batches.
+        batch_size: most examples per batch (all of them when max_tokens is None).
+        tokenizer_path: an existing tokenizer.json; None trains one on the training texts.
+        tokenizer_dir: where the trained tokenizer is saved and reused.
+        tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
+        tokenizer_vocab_size: vocabulary size to train, special tokens included.
+        special_tokens: pad, cls and sep are required; mask is kept for masked-LM pretraining.
+        num_workers: DataLoader worker processes.
+        seed: seed of the batch order and of the val_fraction split.
+    """
+
+    required_specials = ("pad", "cls", "sep")
+
+    def __init__(self, train_path: str = "../shared/data/sst2/train.tsv",
+                 val_path: str | None = "../shared/data/sst2/dev.tsv", test_path: str | None = None,
+                 predict_path: str | None = None, text_column: str = "sentence", text_pair_column: str | None = None,
+                 label_column: str = "label", label_delimiter: str | None = None, val_fraction: float = 0.0, max_len: int = 128,
+                 truncate: bool = True, max_tokens: int | None = None, batch_size: int | None = 32,
+                 tokenizer_path: str | None = None, tokenizer_dir: str = "runs/tokenizers/classification",
+                 tokenizer_kind: TokenizerKind = "bpe", tokenizer_vocab_size: int = 8000,
+                 special_tokens: SpecialTokens = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>",
+                                                               mask="<mask>"),
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
+                         num_workers, seed)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction}, must be in [0, 1)")
+        if max_len < (5 if text_pair_column else 3):
+            raise ValueError(f"data.max_len={max_len} leaves no room for text after the special tokens")
+        if label_delimiter == "":
+            raise ValueError("data.label_delimiter is '', use None for single-label data")
+        check_batching(max_tokens, batch_size)
+        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.predict_path = predict_path
+        self.text_column, self.text_pair_column = text_column, text_pair_column
+        self.label_column, self.label_delimiter = label_column, label_delimiter
+        self.val_fraction, self.max_len, self.truncate = val_fraction, max_len, truncate
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self._rows: dict[str, list[Row]] = {}
+        self._label_names: list[str] | None = None
+        self._label_index: dict[str, int] | None = None
+
+    @property
+    def label_names(self) -> list[str]:
+        """Sorted distinct labels of the training split; class i is label_names[i]."""
+        if self._label_names is None:
+            self._label_names = sorted({name for row in self._split_rows("train") for name in self._labels(row)})
+        return self._label_names
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes, to link into the model's classification head."""
+        return len(self.label_names)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether a label cell can hold several labels (then "labels" is multi-hot)."""
+        return self.label_delimiter is not None
+
+    def training_files(self) -> list[str]:
+        return [self.train_path]
+
+    def training_texts(self) -> Iterator[str]:
+        for row in self._split_rows("train"):
+            yield row[self.text_column]
+            if self.text_pair_column is not None:
+                yield row[self.text_pair_column]
+
+    def tokenizer_source(self) -> dict[str, Any]:
+        carve = self.val_fraction if self.val_path is None else 0.0
+        return {**super().tokenizer_source(), "columns": [self.text_column, self.text_pair_column],
+                "val_fraction": carve, "seed": self.seed if carve else None}
+
+    def has_split(self, split: str) -> bool:
+        if split == "val":
+            return self.val_path is not None or self.val_fraction > 0
+        if split == "predict":
+            return (self.predict_path or self.test_path) is not None
+        return getattr(self, f"{split}_path") is not None
+
+    def build_dataset(self, split: str) -> ClassificationDataset:
+        if not self.has_split(split):
+            raise ValueError(f"data.{split}_path is not set" + (" (nor data.test_path)" if split == "predict" else ""))
+        rows = self._split_rows(split)
+        first = self.encode([r[self.text_column] for r in rows])
+        second = self.encode([r[self.text_pair_column] for r in rows]) if self.text_pair_column else None
+        ids, segments, cut = [], [], []
+        specials = self.special_ids
+        for i, row in enumerate(rows):
+            a, b = first[i], second[i] if second is not None else None
+            room = self.max_len - (2 if b is None else 3)
+            if len(a) + len(b or []) > room:
+                if not self.truncate:
+                    raise ValueError(f"{row.where}: {len(a) + len(b or []) + self.max_len - room} tokens with the "
+                                     f"special tokens, more than data.max_len={self.max_len}; set "
+                                     "data.truncate=true to cut it, or raise data.max_len")
+                cut.append(row)
+                a, b = _truncate_pair(a, b, room)
+            ids.append([specials.cls, *a, specials.sep] + ([] if b is None else [*b, specials.sep]))
+            segments.append([0] * (len(a) + 2) + ([] if b is None else [1] * (len(b) + 1)))
+        if cut:
+            rank_zero_warn(f"data.{split}: truncated {len(cut)} of {len(rows)} inputs to data.max_len="
+                           f"{self.max_len} tokens (first at {cut[0].where})")
+        labeled = all(self.label_column in row.values for row in rows)
+        labels = [self._label_indices(row) for row in rows] if labeled else None
+        return ClassificationDataset(ids, segments, labels)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False) if self.has_split("val") else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches in input order (no length sorting), so predictions come out in the order of the file."""
+        return self._loader("predict", shuffle=False, pool_size=1)
+
+    # --- internals ---------------------------------------------------------------------------------------
+
+    def _columns(self, labeled: bool = True) -> list[str]:
+        texts = [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
+        return texts + ([self.label_column] if labeled else [])
+
+    def _split_rows(self, split: str) -> list[Row]:
+        """The split's rows; a val_fraction split is carved from the training file once (seeded)."""
+        if split in self._rows:
+            return self._rows[split]
+        if split in ("train", "val") and self.val_path is None and self.val_fraction > 0:
+            check_file("train_path", self.train_path)
+            rows = read_table(self.train_path, self._columns())
+            n_val = max(1, round(len(rows) * self.val_fraction))
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            self._rows["val"] = [rows[i] for i in sorted(order[:n_val])]
+            self._rows["train"] = [rows[i] for i in sorted(order[n_val:])]
+            return self._rows[split]
+        key = "test" if split == "predict" and self.predict_path is None else split
+        path = getattr(self, f"{key}_path")
+        check_file(f"{key}_path", path)
+        if split == "predict" and self.predict_path is not None:  # a file to classify may have no labels
+            self._rows[split] = read_table(path, self._columns(labeled=False), optional=[self.label_column])
+        else:
+            self._rows[split] = read_table(path, self._columns())
+        return self._rows[split]
+
+    def _labels(self, row: Row) -> list[str]:
+        cell = row[self.label_column]
+        if self.label_delimiter is not None:  # an empty cell is an example with no labels
+            return [name.strip() for name in cell.split(self.label_delimiter) if name.strip()]
+        if not cell:
+            raise ValueError(f"{row.where}: the label column {self.label_column!r} is empty")
+        return [cell]
+
+    def _label_indices(self, row: Row) -> int | list[int]:
+        if self._label_index is None:
+            self._label_index = {name: i for i, name in enumerate(self.label_names)}
+        index = self._label_index
+        unknown = [name for name in self._labels(row) if name not in index]
+        if unknown:
+            raise ValueError(f"{row.where}: label {unknown[0]!r} never occurs in the training split "
+                             f"({self.train_path}); known labels: {self.label_names}")
+        found = sorted(index[name] for name in self._labels(row))
+        return found if self.multi_label else found[0]
+
+    def _loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
+        dataset = self.dataset(split)
+        collate = functools.partial(collate_classification, pad_id=self.pad_id, n_classes=self.n_classes,
+                                    multi_label=self.multi_label, pairs=self.text_pair_column is not None)
+        return self.bucketed_loader(dataset, [len(x) for x in dataset.ids], collate, self.max_tokens,
+                                    self.batch_size, shuffle, pool_size)
+
+
+def _truncate_pair(a: list[int], b: list[int] | None, room: int) -> tuple[list[int], list[int] | None]:
+    """Drop tokens from the end of the longer text until both fit in `room` (BERT's `_truncate_seq_pair`)."""
+    if b is None:
+        return a[:room], None
+    a, b = list(a), list(b)
+    while len(a) + len(b) > room:
+        (a if len(a) > len(b) else b).pop()
+    return a, b

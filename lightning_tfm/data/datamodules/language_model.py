@@ -1,0 +1,209 @@
+"""Language-model data: one token stream per split, cut into blocks of `block_size + 1` tokens.
+
+Training draws blocks at random offsets, a fixed number of batches per epoch (nanoGPT's `get_batch`,
+`karpathy/nanoGPT` train.py); evaluation walks the stream in consecutive windows so every token after the
+first is predicted exactly once. The default is character-level Tiny Shakespeare with nanoGPT's split:
+first 90% of the characters for training, last 10% for validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_tfm.data.batching import derive_seed
+from lightning_tfm.data.datamodules.base import TextDataModule, check_file
+from lightning_tfm.data.readers import read_lines, read_text
+from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+
+
+class TokenBlocks(Dataset):
+    """Item `offset` is {"ids": tokens[offset : offset + block_size + 1]}, a (block_size + 1,) int64 tensor.
+
+    Args:
+        tokens: (N,) int64, the whole split.
+        block_size: context length; each item has one more token, the last target.
+    """
+
+    def __init__(self, tokens: Tensor, block_size: int) -> None:
+        self.tokens, self.block_size = tokens, block_size
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.block_size  # number of valid offsets
+
+    def __getitem__(self, offset: int) -> dict[str, Tensor]:
+        return {"ids": self.tokens[offset: offset + self.block_size + 1]}
+
+
+class RandomOffsetSampler(Sampler[int]):
+    """`num_samples` offsets drawn uniformly with replacement from [0, num_offsets), new ones every epoch.
+
+    The draw depends on (seed, epoch, rank) only: reproducible, and different on each DDP rank.
+
+    Args:
+        num_offsets: how many offsets are valid.
+        num_samples: offsets per epoch (batches_per_epoch * batch_size).
+        seed: base seed.
+        rank: DDP rank, so ranks see different blocks.
+    """
+
+    def __init__(self, num_offsets: int, num_samples: int, seed: int = 0, rank: int = 0) -> None:
+        self.num_offsets, self.num_samples, self.seed, self.rank = num_offsets, num_samples, seed, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the epoch whose offsets to draw; Lightning calls this before every training epoch."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
+        return iter(torch.randint(self.num_offsets, (self.num_samples,), generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def collate_blocks(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """{"ids": (B, block_size + 1)}: the model reads ids[:, :-1] and predicts ids[:, 1:]."""
+    return {"ids": torch.stack([it["ids"] for it in items])}
+
+
+def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"prompts": B id lists, "texts": B strings, "index": (B,)}; prompts differ in length, so no tensor."""
+    return {"prompts": [it["prompt"] for it in items], "texts": [it["text"] for it in items],
+            "index": torch.tensor([it["index"] for it in items])}
+
+
+class LanguageModelDataModule(TextDataModule):
+    """Token streams for next-token prediction, character-level Tiny Shakespeare by default.
+
+    With `val_path=None`, the last `val_fraction` of the training file's characters is the validation split,
+    cut by character position before tokenizing (nanoGPT: `data[:int(n * 0.9)]`, `data[int(n * 0.9):]`),
+    and the tokenizer is trained on the first part only. Training batches are `batches_per_epoch` batches of
+    blocks at random offsets (each DDP rank draws its own). Validation and test batches are the consecutive
+    windows starting at 0, block_size, 2 * block_size, ...; the last `(N - 1) % block_size` tokens, fewer
+    than one block, are not evaluated.
+
+    Batches: "ids" (B, block_size + 1) int64; inputs are ids[:, :-1], targets ids[:, 1:]. No padding.
+    Predict batches (prompts to continue, one per line of `predict_path`, in file order): "prompts", a list
+    of B token id lists of different lengths; "texts", the B prompt strings; "index" (B,) int64.
+
+    Args:
+        train_path: a text file read whole.
+        val_path: validation text file, or None to split it off the end of train.
+        test_path: test text file, or None.
+        predict_path: prompts to continue, one a line (a line's own newline is not part of its prompt).
+        val_fraction: with val_path=None, the fraction of the training file's characters (taken from its
+            end) used for validation. Ignored when val_path is set.
+        block_size: context length of a training example.
+        batch_size: blocks (or prompts) per batch.
+        batches_per_epoch: training batches per epoch (per DDP rank).
+        tokenizer_path: an existing tokenizer.json; None trains one on the training text.
+        tokenizer_dir: where the trained tokenizer is saved and reused.
+        tokenizer_kind: "char" (one token per character), "bpe", "wordpiece", "unigram" or "byte_bpe".
+        tokenizer_vocab_size: vocabulary size to train, special tokens included (ignored by "char").
+        special_tokens: none is required; the default keeps only unk, for characters unseen in training.
+        num_workers: DataLoader worker processes.
+        seed: seed of the training offsets.
+    """
+
+    def __init__(self, train_path: str = "../shared/data/tiny_shakespeare/input.txt", val_path: str | None = None,
+                 test_path: str | None = None, predict_path: str | None = None, val_fraction: float = 0.1,
+                 block_size: int = 256, batch_size: int = 64, batches_per_epoch: int = 1000,
+                 tokenizer_path: str | None = None,
+                 tokenizer_dir: str = "runs/tokenizers/language_model", tokenizer_kind: TokenizerKind = "char",
+                 tokenizer_vocab_size: int = 8000,
+                 special_tokens: SpecialTokens = SpecialTokens(pad=None, bos=None, eos=None),
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
+                         num_workers, seed)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction}, must be in [0, 1)")
+        for key, value in (("block_size", block_size), ("batch_size", batch_size),
+                           ("batches_per_epoch", batches_per_epoch)):
+            if value < 1:
+                raise ValueError(f"data.{key}={value}, must be >= 1")
+        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.predict_path, self.val_fraction = predict_path, val_fraction
+        self.block_size, self.batch_size, self.batches_per_epoch = block_size, batch_size, batches_per_epoch
+        self._texts: dict[str, str] = {}
+
+    def training_files(self) -> list[str]:
+        return [self.train_path]
+
+    def training_texts(self) -> Iterator[str]:
+        # whole lines, so subword trainers see sentence-sized pieces; "char" does not care
+        yield from self._split_text("train").splitlines(keepends=True)
+
+    def tokenizer_source(self) -> dict[str, Any]:
+        return {**super().tokenizer_source(), "val_fraction": self.val_fraction if self.val_path is None else 0.0}
+
+    def has_split(self, split: str) -> bool:
+        if split == "val":
+            return self.val_path is not None or self.val_fraction > 0
+        return getattr(self, f"{split}_path") is not None
+
+    def build_dataset(self, split: str) -> TokenBlocks | list[dict[str, Any]]:
+        if not self.has_split(split):
+            raise ValueError(f"data.{split}_path is not set")
+        if split == "predict":
+            return self._prompts()
+        tokens = torch.tensor(self.tokenizer.encode(self._split_text(split), add_special_tokens=False).ids,
+                              dtype=torch.long)                                         # (N,)
+        if len(tokens) < self.block_size + 1:
+            raise ValueError(f"data.{split} has {len(tokens)} tokens, fewer than data.block_size + 1 = "
+                             f"{self.block_size + 1}; lower data.block_size")
+        return TokenBlocks(tokens, self.block_size)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        _, rank = self.world()
+        sampler = RandomOffsetSampler(len(dataset), self.batches_per_epoch * self.batch_size, self.seed, rank)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_blocks,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._windows("val") if self.has_split("val") else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._windows("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts in file order, `batch_size` at a time."""
+        prompts = self.dataset("predict")
+        return self.bucketed_loader(prompts, [1] * len(prompts), collate_prompts, None, self.batch_size,
+                                    shuffle=False, pool_size=1)
+
+    # --- internals ---------------------------------------------------------------------------------------
+
+    def _split_text(self, split: str) -> str:
+        if split not in self._texts:
+            if split in ("train", "val") and self.val_path is None:
+                check_file("train_path", self.train_path)
+                text = read_text(self.train_path)
+                cut = int(len(text) * (1 - self.val_fraction))
+                self._texts["train"], self._texts["val"] = text[:cut], text[cut:]
+            else:
+                check_file(f"{split}_path", getattr(self, f"{split}_path"))
+                self._texts[split] = read_text(getattr(self, f"{split}_path"))
+        return self._texts[split]
+
+    def _prompts(self) -> list[dict[str, Any]]:
+        check_file("predict_path", self.predict_path)
+        texts = read_lines(self.predict_path)
+        ids = self.encode(texts)
+        for line, prompt in enumerate(ids, start=1):
+            if not prompt:
+                raise ValueError(f"{self.predict_path}:{line}: empty prompt; give every line some text")
+        return [{"index": i, "prompt": p, "text": t} for i, (p, t) in enumerate(zip(ids, texts))]
+
+    def _windows(self, split: str) -> DataLoader:
+        """Consecutive windows 0, block_size, 2 * block_size, ... in order, shared across DDP ranks."""
+        dataset = self.dataset(split)
+        starts = list(range(0, len(dataset), self.block_size))
+        windows = torch.utils.data.Subset(dataset, starts)
+        return self.bucketed_loader(windows, [1] * len(starts), collate_blocks, None, self.batch_size,
+                                    shuffle=False, pool_size=1)

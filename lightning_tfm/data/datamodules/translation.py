@@ -1,0 +1,210 @@
+"""Translation data: line-aligned source/target files (or TSV/JSONL pairs), one joint tokenizer, and
+token-budget batches of (src, tgt) with the raw strings kept for BLEU and for prediction.
+
+A shared source/target BPE vocabulary trained on both sides of the training split and batches "containing
+approximately 25000 source tokens and 25000 target tokens" follow Vaswani et al. 2017, §5.1.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_tfm.data.batching import pad_batch
+from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
+from lightning_tfm.data.readers import is_table, read_lines, read_parallel, read_table
+from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+
+
+@dataclass
+class _Texts:
+    """One split's raw text and where each pair came from (for `path:line` errors)."""
+
+    sources: list[str]
+    targets: list[str] | None
+    src_file: str
+    tgt_file: str
+    lines: list[int]
+
+
+class TranslationDataset(Dataset):
+    """Tokenized pairs; item i is {"index", "src", "tgt" (None without targets), "source", "ref"}."""
+
+    def __init__(self, src: list[list[int]], tgt: list[list[int]] | None, texts: _Texts) -> None:
+        self.src, self.tgt, self.texts = src, tgt, texts
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"index": i, "src": self.src[i], "tgt": None if self.tgt is None else self.tgt[i],
+                "source": self.texts.sources[i],
+                "ref": None if self.texts.targets is None else self.texts.targets[i]}
+
+
+def collate_translation(items: list[dict[str, Any]], pad_id: int, pad_to_multiple: int = 8) -> dict[str, Any]:
+    """Batch of pairs: src/src_mask (B, S), tgt/tgt_mask (B, T) (bos ... eos), index (B,), sources, refs."""
+    src, src_mask = pad_batch([it["src"] for it in items], pad_id, pad_to_multiple)
+    batch: dict[str, Any] = {"src": src, "src_mask": src_mask,
+                             "index": torch.tensor([it["index"] for it in items]),
+                             "sources": [it["source"] for it in items]}
+    if items[0]["tgt"] is not None:
+        batch["tgt"], batch["tgt_mask"] = pad_batch([it["tgt"] for it in items], pad_id, pad_to_multiple)
+        batch["refs"] = [it["ref"] for it in items]
+    return batch
+
+
+class TranslationDataModule(TextDataModule):
+    """Source/target pairs for sequence-to-sequence training, Multi30k En→De by default.
+
+    A split is either a path prefix P, read as the line-aligned files `P.<src_lang>` and `P.<tgt_lang>`, or a
+    `.tsv`/`.csv`/`.jsonl` file (optionally `.gz`) whose columns are named `src_lang` and `tgt_lang`. Flipping
+    the direction is one override (`--data.src_lang de --data.tgt_lang en`).
+
+    One tokenizer is trained on the source and target sides of the training split. Each source is its
+    tokens + eos (fairseq's convention; the eos tells the encoder where the sentence ends), each target is
+    bos + tokens + eos, so a decoder reads `tgt[:, :-1]` and predicts `tgt[:, 1:]`.
+
+    Batches: "src" (B, S) int64 and "src_mask" (B, S) bool (True = real token); "tgt" (B, T) int64 and
+    "tgt_mask" (B, T) bool; "index" (B,) int64, each example's position in its split; "sources" and "refs",
+    the raw source and target strings (refs feed sacreBLEU). S and T are multiples of 8. Predict batches
+    have no "tgt"/"tgt_mask"/"refs" when they come from a source-only `predict_path` file.
+
+    Args:
+        train_path: training split: a path prefix or a table file (see above).
+        val_path: validation split, or None for no validation.
+        test_path: test split, or None.
+        predict_path: a plain text file of source sentences, one a line, to translate; None predicts the test split.
+        src_lang: source language code: the suffix of the source files, or the source column.
+        tgt_lang: target language code.
+        max_len: most tokens in a source or target, its special tokens included.
+        truncate: cut longer sequences to max_len (keeping the eos) with a warning; False raises naming
+            the file and line.
+        max_tokens: padded tokens per batch, counted on the longer side; None for fixed-size batches.
+        batch_size: most pairs per batch (all of them when max_tokens is None); None for no cap.
+        tokenizer_path: an existing tokenizer.json; None trains one on the training split.
+        tokenizer_dir: where the trained tokenizer is saved and reused.
+        tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
+        tokenizer_vocab_size: joint vocabulary size to train, special tokens included.
+        special_tokens: pad, unk, bos and eos are required.
+        num_workers: DataLoader worker processes.
+        seed: seed of the batch order.
+    """
+
+    required_specials = ("pad", "bos", "eos")
+
+    def __init__(self, train_path: str = "../shared/data/multi30k/train",
+                 val_path: str | None = "../shared/data/multi30k/val",
+                 test_path: str | None = "../shared/data/multi30k/test2016", predict_path: str | None = None,
+                 src_lang: str = "en", tgt_lang: str = "de", max_len: int = 256, truncate: bool = False,
+                 max_tokens: int | None = 4096, batch_size: int | None = None, tokenizer_path: str | None = None,
+                 tokenizer_dir: str = "runs/tokenizers/translation", tokenizer_kind: TokenizerKind = "bpe",
+                 tokenizer_vocab_size: int = 8000, special_tokens: SpecialTokens = SpecialTokens(),
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
+                         num_workers, seed)
+        if src_lang == tgt_lang:
+            raise ValueError(f"data.src_lang and data.tgt_lang are both {src_lang!r}; they must differ")
+        if max_len < 3:
+            raise ValueError(f"data.max_len={max_len}, must be >= 3 (bos, one token, eos)")
+        check_batching(max_tokens, batch_size)
+        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.predict_path = predict_path
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
+        self.max_len, self.truncate = max_len, truncate
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+
+    def training_files(self) -> list[str]:
+        return self._files(self.train_path)
+
+    def training_texts(self) -> Iterator[str]:
+        texts = self._read("train")
+        yield from texts.sources
+        yield from texts.targets or []
+
+    def tokenizer_source(self) -> dict[str, Any]:
+        return {**super().tokenizer_source(), "columns": [self.src_lang, self.tgt_lang]}
+
+    def has_split(self, split: str) -> bool:
+        if split == "predict":
+            return (self.predict_path or self.test_path) is not None
+        return getattr(self, f"{split}_path") is not None
+
+    def build_dataset(self, split: str) -> TranslationDataset:
+        if not self.has_split(split):
+            raise ValueError(f"data.{split}_path is not set" + (" (nor data.test_path)" if split == "predict" else ""))
+        texts = self._read(split)
+        ids = self.special_ids
+        src = self._fit(split, "source", self.encode(texts.sources), [], [ids.eos], texts.src_file, texts.lines)
+        tgt = None
+        if texts.targets is not None:
+            tgt = self._fit(split, "target", self.encode(texts.targets), [ids.bos], [ids.eos], texts.tgt_file,
+                            texts.lines)
+        return TranslationDataset(src, tgt, texts)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False) if self.val_path is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches in input order (no length sorting), so predictions come out in the order of the file."""
+        return self._loader("predict", shuffle=False, pool_size=1)
+
+    # --- internals ---------------------------------------------------------------------------------------
+
+    def _files(self, path: str) -> list[str]:
+        return [path] if is_table(path) else [f"{path}.{self.src_lang}", f"{path}.{self.tgt_lang}"]
+
+    def _read(self, split: str) -> _Texts:
+        if split == "predict" and self.predict_path is not None:
+            check_file("predict_path", self.predict_path)
+            sources = read_lines(self.predict_path)
+            return _Texts(sources, None, self.predict_path, self.predict_path, list(range(1, len(sources) + 1)))
+        key = "test" if split == "predict" else split
+        path = getattr(self, f"{key}_path")
+        for name in self._files(path):
+            check_file(f"{key}_path", name)
+        if is_table(path):
+            rows = read_table(path, [self.src_lang, self.tgt_lang])
+            return _Texts([r[self.src_lang] for r in rows], [r[self.tgt_lang] for r in rows], path, path,
+                          [r.line for r in rows])
+        src_file, tgt_file = self._files(path)
+        pairs = read_parallel(src_file, tgt_file)
+        return _Texts([s for s, _ in pairs], [t for _, t in pairs], src_file, tgt_file,
+                      list(range(1, len(pairs) + 1)))
+
+    def _fit(self, split: str, side: str, seqs: list[list[int]], prefix: list[int], suffix: list[int],
+             file: str, lines: list[int]) -> list[list[int]]:
+        """Add the special tokens and enforce max_len: truncate with one warning per split, or raise."""
+        room = self.max_len - len(prefix) - len(suffix)
+        out, cut = [], []
+        for i, seq in enumerate(seqs):
+            if len(seq) > room:
+                if not self.truncate:
+                    raise ValueError(f"{file}:{lines[i]}: {side} has {len(seq) + len(prefix) + len(suffix)} "
+                                     f"tokens with its special tokens, more than data.max_len={self.max_len}; "
+                                     "set data.truncate=true to cut it, or raise data.max_len")
+                cut.append(i)
+                seq = seq[:room]
+            out.append(prefix + seq + suffix)
+        if cut:
+            rank_zero_warn(f"data.{split}: truncated {len(cut)} of {len(seqs)} {side}s to data.max_len="
+                           f"{self.max_len} tokens (first at {file}:{lines[cut[0]]})")
+        return out
+
+    def _loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
+        dataset = self.dataset(split)
+        lengths = [max(len(s), len(t)) for s, t in zip(dataset.src, dataset.tgt or dataset.src)]
+        collate = functools.partial(collate_translation, pad_id=self.pad_id)
+        return self.bucketed_loader(dataset, lengths, collate, self.max_tokens, self.batch_size, shuffle,
+                                    pool_size)
