@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from tokenizers import Tokenizer
 
 import lightning_tfm.blocks  # noqa: F401  (so --help lists the blocks as known subclasses)
 import lightning_tfm.models.presets  # noqa: F401
@@ -41,7 +41,7 @@ class TransformerCLI(LightningCLI):
     evaluates checkpoints with the tokenizer stored inside them."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.vocab_size", "model.init_args.model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.n_classes", "model.init_args.n_classes", apply_on="instantiate")
         parser.add_class_arguments(PredictionWriter, "predictions")
 
@@ -57,26 +57,32 @@ class TransformerCLI(LightningCLI):
 
 
 def _use_checkpoint_tokenizer(config: Any, ckpt_path: Path) -> None:
-    """Point the datamodule at the tokenizer stored in the checkpoint (extracted beside it)."""
+    """Point the datamodule at the tokenizer stored in the checkpoint (extracted beside it). An explicit
+    `data.tokenizer_path` is kept when it holds that same tokenizer, and is an error when it holds another."""
     from lightning_tfm.checkpoints import load_checkpoint
 
     stored = load_checkpoint(ckpt_path).get("tokenizer")
-    if stored is None:
+    data_args = config["data"]["init_args"]
+    if stored is None or "tokenizer_path" not in data_args:
+        return
+    given = data_args["tokenizer_path"]
+    if given is not None:       # a missing file is left to the datamodule, which names the key
+        if Path(given).is_file() and Tokenizer.from_file(str(given)).to_str() != stored:
+            raise ValueError(f"data.tokenizer_path={given} is not the tokenizer stored in the checkpoint "
+                             f"{ckpt_path}; leave data.tokenizer_path unset to use the checkpoint's own")
         return
     target = ckpt_path.with_suffix(".tokenizer.json")
     if not target.exists() or target.read_text(encoding="utf-8") != stored:
         target.write_text(stored, encoding="utf-8")
-    data_args = config["data"]["init_args"]
-    if "tokenizer_path" in data_args:
-        data_args["tokenizer_path"] = str(target)
+    data_args["tokenizer_path"] = str(target)
 
 
 def main(args: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
     TransformerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   parser_kwargs={"description": DESCRIPTION},
+                   parser_kwargs={"description": DESCRIPTION, "parser_mode": "omegaconf+"},
                    save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()  # LightningCLI reads sys.argv itself; passing it as args too makes it warn

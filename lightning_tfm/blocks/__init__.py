@@ -6,8 +6,13 @@ from lightning_tfm.blocks.feedforward import FeedForward, GELUFeedForward, ReLUF
 from lightning_tfm.blocks.kv_cache import DecoderCache, KVCache
 from lightning_tfm.blocks.layers import DecoderLayer, EncoderLayer
 from lightning_tfm.blocks.norms import LayerNorm, Norm, RMSNorm
-from lightning_tfm.blocks.positions import (ALiBiPositions, LearnedPositions, Positions, RotaryPositions,
-                                            SinusoidalPositions)
+from lightning_tfm.blocks.positions import (
+                                            ALiBiPositions,
+                                            LearnedPositions,
+                                            Positions,
+                                            RotaryPositions,
+                                            SinusoidalPositions,
+)
 
 __all__ = [
     "ALiBiPositions", "Attention", "AttentionMask", "DecoderCache", "DecoderLayer", "EncoderLayer", "FeedForward",

@@ -96,6 +96,7 @@ class LearnedPositions(Positions):
     def __init__(self, d_model: int, n_heads: int = 1, max_len: int = 1024) -> None:
         super().__init__(d_model, n_heads, max_len)
         self.table = nn.Embedding(max_len, d_model)
+        nn.init.normal_(self.table.weight, std=0.02)      # GPT-2's scale, matching the token embeddings
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         end = offset + x.shape[1]

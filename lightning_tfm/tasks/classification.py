@@ -4,9 +4,8 @@ so predictions come back as names."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import AdamW, Optimizer
@@ -22,7 +21,8 @@ class ClassificationModule(TaskModule):
     """Classify sequences (or sequence pairs) with an `EncoderOnly` backbone and a `ClassificationHead`.
 
     Args:
-        model: the encoder (vocab_size is linked from the data by the CLI).
+        model: factory vocab_size -> the encoder (a model class or preset with its other arguments set).
+        vocab_size: size of the tokenizer's vocabulary (linked from the data by the CLI).
         n_classes: number of classes (linked from the data's label set by the CLI).
         pooling: "cls" (first token, BERT) or "mean" over real tokens.
         head_dropout: dropout before the classifier, in [0, 1).
@@ -31,12 +31,12 @@ class ClassificationModule(TaskModule):
         lr_schedule: factory optimizer -> scheduler stepped every step; None for a constant lr.
     """
 
-    def __init__(self, model: EncoderOnly, n_classes: int = 2, pooling: Literal["cls", "mean"] = "cls",
-                 head_dropout: float = 0.1, pooler: bool = False, optimizer: OptimizerFactory | None = None,
-                 lr_schedule: ScheduleFactory | None = None) -> None:
+    def __init__(self, model: Callable[[int], EncoderOnly], vocab_size: int, n_classes: int = 2,
+                 pooling: Literal["cls", "mean"] = "cls", head_dropout: float = 0.1, pooler: bool = False,
+                 optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None) -> None:
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
-        self.model = model
+        self.model = model(vocab_size)
         self.head = ClassificationHead(model.d_model, n_classes, pooling, head_dropout, pooler)
         metrics = MetricCollection({"acc": MulticlassAccuracy(n_classes, average="micro"),
                                     "f1": MulticlassF1Score(n_classes, average="macro")})

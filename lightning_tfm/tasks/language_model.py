@@ -4,7 +4,7 @@ temperature, top-k and top-p, all through the KV cache."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ class LanguageModelModule(TaskModule):
     """Train a `DecoderOnly` model to predict the next token; generate continuations of prompts.
 
     Args:
-        model: the decoder (vocab_size is linked from the data by the CLI).
+        model: factory vocab_size -> the decoder (a model class or preset with its other arguments set).
+        vocab_size: size of the tokenizer's vocabulary (linked from the data by the CLI).
         max_new_tokens: tokens generated per prompt by `predict`.
         temperature: sampling temperature; 0 is greedy search.
         top_k: sample among the k most probable tokens only; None for all.
@@ -30,15 +31,15 @@ class LanguageModelModule(TaskModule):
         lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `WarmupCosineSchedule`.
     """
 
-    def __init__(self, model: DecoderOnly, max_new_tokens: int = 200, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, optimizer: OptimizerFactory | None = None,
-                 lr_schedule: ScheduleFactory | None = None) -> None:
+    def __init__(self, model: Callable[[int], DecoderOnly], vocab_size: int, max_new_tokens: int = 200,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None) -> None:
         super().__init__(optimizer, lr_schedule)
         if max_new_tokens < 1 or temperature < 0:
             raise ValueError(f"LanguageModelModule: max_new_tokens={max_new_tokens} must be >= 1 and "
                              f"temperature={temperature} >= 0")
         self.save_hyperparameters()
-        self.model = model
+        self.model = model(vocab_size)
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.eos_id: int | None = None

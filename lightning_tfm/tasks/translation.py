@@ -5,7 +5,7 @@ input length + 50 (§6.1), and corpus BLEU (sacreBLEU) over the whole evaluation
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ class TranslationModule(TaskModule):
     """Train an `EncoderDecoder` on sentence pairs, evaluate with corpus BLEU, translate with beam search.
 
     Args:
-        model: the encoder-decoder (vocab_size is linked from the data by the CLI).
+        model: factory vocab_size -> the encoder-decoder (a model class or preset with its other arguments set).
+        vocab_size: size of the tokenizer's vocabulary (linked from the data by the CLI).
         label_smoothing: epsilon of label smoothing (paper: 0.1).
         beam_size: beam for test and predict (paper: 4); 1 is greedy search.
         val_beam_size: beam for validation BLEU; 1 (greedy) keeps validation fast.
@@ -33,8 +34,8 @@ class TranslationModule(TaskModule):
         lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `InverseSqrtSchedule`.
     """
 
-    def __init__(self, model: EncoderDecoder, label_smoothing: float = 0.1, beam_size: int = 4,
-                 val_beam_size: int = 1, length_penalty: float = 0.6, max_extra_len: int = 50,
+    def __init__(self, model: Callable[[int], EncoderDecoder], vocab_size: int, label_smoothing: float = 0.1,
+                 beam_size: int = 4, val_beam_size: int = 1, length_penalty: float = 0.6, max_extra_len: int = 50,
                  optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None) -> None:
         super().__init__(optimizer, lr_schedule)
         if not 0.0 <= label_smoothing < 1.0:
@@ -43,7 +44,7 @@ class TranslationModule(TaskModule):
             raise ValueError(f"TranslationModule: beam_size={beam_size} and val_beam_size={val_beam_size} "
                              "must be >= 1")
         self.save_hyperparameters()
-        self.model = model
+        self.model = model(vocab_size)
         self.label_smoothing, self.length_penalty, self.max_extra_len = label_smoothing, length_penalty, max_extra_len
         self.beam_size, self.val_beam_size = beam_size, val_beam_size
         self.val_bleu, self.test_bleu = SacreBLEUScore(tokenize="13a"), SacreBLEUScore(tokenize="13a")

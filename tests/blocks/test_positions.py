@@ -3,8 +3,13 @@ import math
 import pytest
 import torch
 
-from lightning_tfm.blocks.positions import (ALiBiPositions, LearnedPositions, RotaryPositions,
-                                            SinusoidalPositions, apply_rotary)
+from lightning_tfm.blocks.positions import (
+    ALiBiPositions,
+    LearnedPositions,
+    RotaryPositions,
+    SinusoidalPositions,
+    apply_rotary,
+)
 
 
 def test_sinusoidal_equals_the_papers_formula():
@@ -70,3 +75,10 @@ def test_sinusoidal_rejects_bad_sizes(kwargs, message):
 def test_rotary_rejects_odd_head_dim():
     with pytest.raises(ValueError, match="d_model=12 / n_heads=4 must give an even head dimension"):
         RotaryPositions(12, 4)
+
+
+def test_learned_positions_start_at_the_token_embeddings_scale():
+    # with N(0, 1) positions (nn.Embedding's default) a pre-norm model sees mostly positions and learns
+    # only unigram statistics
+    std = LearnedPositions(128, max_len=1024).table.weight.std().item()
+    assert 0.015 < std < 0.025

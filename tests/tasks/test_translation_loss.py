@@ -8,7 +8,7 @@ from lightning_tfm.tasks.translation import TranslationModule
 
 def test_label_smoothed_loss_equals_its_formula_and_ignores_padding():
     torch.manual_seed(0)
-    task = TranslationModule(TinyEncoderDecoder(vocab_size=20), label_smoothing=0.1).eval()
+    task = TranslationModule(TinyEncoderDecoder, vocab_size=20, label_smoothing=0.1).eval()
     src = torch.randint(4, 20, (2, 5))
     tgt = torch.tensor([[1, 7, 8, 9, 2], [1, 5, 2, 0, 0]])                  # BOS .. EOS, then padding
     batch = {"src": src, "src_mask": torch.ones_like(src, dtype=torch.bool), "tgt": tgt, "tgt_mask": tgt != 0}
