@@ -46,10 +46,16 @@ class KVCache:
         return bigger
 
     def select(self, index: Tensor) -> None:
-        """Keep batch rows `index` (beam reordering, expanding each sentence to its beams, dropping rows)."""
+        """Keep batch rows `index` (beam reordering, expanding each sentence to its beams, dropping rows).
+
+        Copies only the filled positions, not the whole preallocated buffer."""
         if self.k is not None:
-            self.k = self.k.index_select(0, index)
-            self.v = self.v.index_select(0, index)
+            self.k, self.v = self._rows(self.k, index), self._rows(self.v, index)
+
+    def _rows(self, buffer: Tensor, index: Tensor) -> Tensor:
+        picked = buffer.new_empty(len(index), *buffer.shape[1:])
+        torch.index_select(buffer[:, :, : self.length], 0, index, out=picked[:, :, : self.length])
+        return picked
 
 
 class DecoderCache:

@@ -119,7 +119,12 @@ class TranslationModule(TaskModule):
             return logits.float().log_softmax(-1)
 
         def reorder(index: Tensor) -> None:
-            cache.select(index)
+            if len(index) == state["memory"].shape[0]:
+                # beam search picks parents within a sentence, whose rows share the encoder output,
+                # its cross-attention keys and values, and its source mask: only the target side moves
+                cache.reorder(index)
+                return
+            cache.select(index)                      # rows added or dropped (each sentence -> its beams)
             state["memory"] = state["memory"].index_select(0, index)
             if state["src_mask"] is not None:
                 state["src_mask"] = state["src_mask"].index_select(0, index)
