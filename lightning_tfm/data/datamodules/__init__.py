@@ -5,10 +5,13 @@ from lightning_tfm.data.datamodules.classification import (ClassificationDataMod
                                                            collate_classification)
 from lightning_tfm.data.datamodules.language_model import (LanguageModelDataModule, RandomOffsetSampler, TokenBlocks,
                                                            collate_blocks, collate_prompts)
+from lightning_tfm.data.datamodules.masked_lm import (MaskedLMDataModule, MaskedLMDataset, MaskSeedBatchSampler,
+                                                      collate_fill_mask, collate_masked_lm, encode_with_masks)
 from lightning_tfm.data.datamodules.translation import TranslationDataModule, TranslationDataset, collate_translation
 
 __all__ = [
-    "ClassificationDataModule", "ClassificationDataset", "LanguageModelDataModule", "RandomOffsetSampler",
-    "TextDataModule", "TokenBlocks", "TranslationDataModule", "TranslationDataset", "collate_blocks",
-    "collate_classification", "collate_prompts", "collate_translation",
+    "ClassificationDataModule", "ClassificationDataset", "LanguageModelDataModule", "MaskSeedBatchSampler",
+    "MaskedLMDataModule", "MaskedLMDataset", "RandomOffsetSampler", "TextDataModule", "TokenBlocks",
+    "TranslationDataModule", "TranslationDataset", "collate_blocks", "collate_classification", "collate_fill_mask",
+    "collate_masked_lm", "collate_prompts", "collate_translation", "encode_with_masks",
 ]

@@ -1,0 +1,308 @@
+"""Masked-LM pretraining data (BERT, Devlin et al. 2019, §3.1): unlabeled texts, one example per line of a
+plain text file or per row of one column of a TSV/CSV/JSONL table, each encoded as `cls tokens sep`, and
+BERT's 15% / 80-10-10 corruption (`data.masking.mask_tokens`) applied when a batch is collated.
+
+Masks are drawn from a generator seeded with (seed, split, epoch, batch number): training sees new masks
+every epoch, validation and test see the same masks every time, so their loss is comparable across epochs.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_tfm.data.batching import BucketBatchSampler, derive_seed, pad_batch
+from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
+from lightning_tfm.data.masking import mask_tokens
+from lightning_tfm.data.readers import Row, is_table, read_lines, read_table
+from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+
+_STREAMS = {"train": 0, "val": 1, "test": 2}  # one mask stream per split, so no two splits share masks
+
+
+@dataclass
+class MaskedLMDataset(Dataset):
+    """Encoded texts. `dataset[i]` is {"index", "ids", "text", "mask_seed": None}; `dataset[(mask_seed, i)]`,
+    what `MaskSeedBatchSampler` asks for, carries that seed instead.
+
+    Args:
+        ids: token ids per example, `cls ... sep` included.
+        texts: the raw text of each example (kept for prediction), or None.
+    """
+
+    ids: list[list[int]]
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        mask_seed, i = key if isinstance(key, tuple) else (None, key)
+        return {"index": i, "ids": self.ids[i], "text": None if self.texts is None else self.texts[i],
+                "mask_seed": mask_seed}
+
+
+class MaskSeedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """A `BucketBatchSampler` whose batches carry the seed of their masks: batch k of this rank becomes
+    `[(mask_seed, i), ...]` with `mask_seed = derive_seed(seed, stream, epoch, rank + k * num_replicas)`, the
+    batch's number in the global list, so DDP ranks never share a mask stream.
+
+    The seed travels with the indices because the collate function runs in the DataLoader's worker processes,
+    which never see `set_epoch` (persistent workers keep the copy of the sampler they started with). Lightning
+    calls `set_epoch` on `self.sampler` before training and evaluation epochs alike; with `per_epoch=False` the
+    epoch is ignored, so every evaluation masks the same positions the same way.
+
+    Args:
+        batches: the bucketed batch sampler to wrap.
+        seed: base seed.
+        stream: a number per split, so that train and validation batch k are masked differently.
+        per_epoch: new masks every epoch (training), or the same masks every time (evaluation).
+    """
+
+    def __init__(self, batches: BucketBatchSampler, seed: int, stream: int, per_epoch: bool) -> None:
+        self.batches, self.seed, self.stream, self.per_epoch = batches, seed, stream, per_epoch
+        self.sampler = batches.sampler  # where Lightning calls set_epoch; it forwards to `batches`
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.batches.epoch if self.per_epoch else 0
+        first, step = self.batches.rank, self.batches.num_replicas
+        for k, batch in enumerate(self.batches):
+            mask_seed = derive_seed(self.seed, self.stream, epoch, first + k * step)
+            yield [(mask_seed, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def num_real_batches(self) -> int:
+        """How many of this rank's batches (its first ones) are not repeats added for DDP."""
+        return self.batches.num_real_batches
+
+
+def collate_masked_lm(items: list[dict[str, Any]], pad_id: int, mask_id: int, special_ids: Sequence[int],
+                      vocab_size: int, mask_prob: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1,
+                      pad_to_multiple: int = 8) -> dict[str, Any]:
+    """Pad, then corrupt with `mask_tokens` using a generator seeded by the items' "mask_seed" (torch's global
+    RNG when it is None).
+
+    Returns:
+        "ids" (B, T) int64, the corrupted inputs; "mask" (B, T) bool, True at real tokens; "labels" (B, T)
+        int64, the original id at chosen positions and -100 elsewhere; "index" (B,) int64, positions in the split.
+    """
+    ids, mask = pad_batch([it["ids"] for it in items], pad_id, pad_to_multiple)
+    seed = items[0]["mask_seed"]
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    inputs, labels = mask_tokens(ids, special_ids, mask_id, vocab_size, generator, mask_prob, replace_prob,
+                                 random_prob)
+    return {"ids": inputs, "mask": mask, "labels": labels, "index": torch.tensor([it["index"] for it in items])}
+
+
+def collate_fill_mask(items: list[dict[str, Any]], pad_id: int, pad_to_multiple: int = 8) -> dict[str, Any]:
+    """Predict batches: "ids"/"mask" (B, T) with the user's mask tokens in place, "index" (B,), "texts"."""
+    ids, mask = pad_batch([it["ids"] for it in items], pad_id, pad_to_multiple)
+    return {"ids": ids, "mask": mask, "index": torch.tensor([it["index"] for it in items]),
+            "texts": [it["text"] for it in items]}
+
+
+def encode_with_masks(tokenizer: Tokenizer, text: str, mask_id: int) -> list[int]:
+    """Token ids of a text in which the mask token stands for one token each time it occurs.
+
+    Subword tokenizers attach a word's space to the word ("▁film", "Ġfilm"), so a masked word in training
+    takes its space with it: "a good film" becomes `▁a <mask> ▁film`. The spaces a person types around a mask
+    ("a <mask> film") would become tokens of their own, which training never shows next to a mask; they are
+    dropped, unless the tokenizer has a token for " " itself (character-level), where they are real tokens.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if tokenizer.token_to_id(" ") is not None:
+        return ids
+    spaces = {i for i in set(ids) if i != mask_id and not tokenizer.decode([i], skip_special_tokens=False).strip()}
+    return [t for k, t in enumerate(ids)
+            if t not in spaces or mask_id not in ids[max(k - 1, 0): k] + ids[k + 1: k + 2]]
+
+
+class MaskedLMDataModule(TextDataModule):
+    """Unlabeled texts for masked-LM pretraining of an encoder, SST-2's training sentences by default.
+
+    A split is a plain text file with one example per line (stripped; blank lines skipped), or a `.tsv`/`.csv`/
+    `.jsonl` table (optionally `.gz`) of which `text_column` is read (empty cells skipped). Each example is
+    `cls + tokens + sep`, truncated to `max_len` with a warning. The tokenizer is trained on the training split
+    only. Masking happens in the collate function (see the module docstring); special tokens and padding are
+    never chosen.
+
+    Batches: "ids" (B, T) int64, the corrupted inputs; "mask" (B, T) bool (True = real token); "labels" (B, T)
+    int64, the original id at chosen positions and -100 elsewhere; "index" (B,) int64, each example's position
+    in its split. T is a multiple of 8. Predict batches (lines to fill in, each with at least one mask token,
+    e.g. "a <mask> film") hold "ids" and "mask" with the mask tokens in place, "index", and "texts".
+
+    Args:
+        train_path: training texts: a plain text file or a table.
+        val_path: validation texts, or None (see val_fraction).
+        test_path: test texts, or None.
+        predict_path: texts to fill in, one per line (or table row), each with the mask token; None for none.
+        text_column: the column read from tables; ignored for plain text files.
+        val_fraction: when val_path is None, hold out this random fraction of the training examples (drawn
+            with seed) as validation; the tokenizer sees only the rest. Ignored when val_path is set.
+        max_len: most tokens per example, cls and sep included.
+        max_tokens: padded tokens per batch; None for fixed-size batches.
+        batch_size: most examples per batch (all of them when max_tokens is None).
+        mask_prob: chance that an ordinary token is chosen (BERT: 0.15).
+        replace_prob: chance that a chosen token becomes the mask token (BERT: 0.8).
+        random_prob: chance that a chosen token becomes a random ordinary token (BERT: 0.1); the rest are kept.
+        tokenizer_path: an existing tokenizer.json; None trains one on the training texts.
+        tokenizer_dir: where the trained tokenizer is saved and reused.
+        tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
+        tokenizer_vocab_size: vocabulary size to train, special tokens included.
+        special_tokens: pad, cls, sep and mask are required; the default matches ClassificationDataModule's, so
+            a pretrained tokenizer serves fine-tuning as is.
+        num_workers: DataLoader worker processes.
+        seed: seed of the batch order, the masks and the val_fraction split.
+    """
+
+    required_specials = ("pad", "cls", "sep", "mask")
+
+    def __init__(self, train_path: str = "../shared/data/sst2/train.tsv",
+                 val_path: str | None = "../shared/data/sst2/dev.tsv", test_path: str | None = None,
+                 predict_path: str | None = None, text_column: str = "sentence", val_fraction: float = 0.0,
+                 max_len: int = 128, max_tokens: int | None = None, batch_size: int | None = 32,
+                 mask_prob: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1,
+                 tokenizer_path: str | None = None, tokenizer_dir: str = "runs/tokenizers/masked_lm",
+                 tokenizer_kind: TokenizerKind = "bpe", tokenizer_vocab_size: int = 8000,
+                 special_tokens: SpecialTokens = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>",
+                                                               mask="<mask>"),
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
+                         num_workers, seed)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction}, must be in [0, 1)")
+        if max_len < 3:
+            raise ValueError(f"data.max_len={max_len}, must be >= 3 (cls, one token, sep)")
+        if not 0.0 < mask_prob <= 1.0:
+            raise ValueError(f"data.mask_prob={mask_prob}, must be in (0, 1]")
+        if replace_prob < 0 or random_prob < 0 or replace_prob + random_prob > 1.0:
+            raise ValueError(f"data.replace_prob={replace_prob} and data.random_prob={random_prob} must be >= 0 "
+                             "with a sum <= 1")
+        check_batching(max_tokens, batch_size)
+        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.predict_path, self.text_column, self.val_fraction = predict_path, text_column, val_fraction
+        self.max_len, self.max_tokens, self.batch_size = max_len, max_tokens, batch_size
+        self.mask_prob, self.replace_prob, self.random_prob = mask_prob, replace_prob, random_prob
+        self._rows: dict[str, list[Row]] = {}
+
+    @property
+    def mask_id(self) -> int:
+        """Id of the mask token."""
+        return self.special_ids.mask
+
+    def training_files(self) -> list[str]:
+        return [self.train_path]
+
+    def training_texts(self) -> Iterator[str]:
+        for row in self._split_rows("train"):
+            yield row[self.text_column]
+
+    def tokenizer_source(self) -> dict[str, Any]:
+        carve = self.val_fraction if self.val_path is None else 0.0
+        return {**super().tokenizer_source(), "column": self.text_column if is_table(self.train_path) else None,
+                "val_fraction": carve, "seed": self.seed if carve else None}
+
+    def has_split(self, split: str) -> bool:
+        if split == "val":
+            return self.val_path is not None or self.val_fraction > 0
+        return getattr(self, f"{split}_path") is not None
+
+    def build_dataset(self, split: str) -> MaskedLMDataset:
+        if not self.has_split(split):
+            raise ValueError(f"data.{split}_path is not set")
+        rows = self._split_rows(split)
+        texts = [row[self.text_column] for row in rows]
+        if split == "predict":
+            return self._fill_mask_dataset(rows, texts)
+        ids, cut = [], []
+        cls, sep = self.special_ids.cls, self.special_ids.sep
+        for row, tokens in zip(rows, self.encode(texts)):
+            if len(tokens) > self.max_len - 2:
+                cut.append(row)
+            ids.append([cls, *tokens[: self.max_len - 2], sep])
+        if cut:
+            rank_zero_warn(f"data.{split}: truncated {len(cut)} of {len(rows)} texts to data.max_len={self.max_len} "
+                           f"tokens (first at {cut[0].where})")
+        return MaskedLMDataset(ids, texts)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False) if self.has_split("val") else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches in input order (no length sorting), so predictions come out in the order of the file."""
+        dataset = self.dataset("predict")
+        collate = functools.partial(collate_fill_mask, pad_id=self.pad_id)
+        return self.bucketed_loader(dataset, [len(x) for x in dataset.ids], collate, self.max_tokens,
+                                    self.batch_size, shuffle=False, pool_size=1)
+
+    # --- internals ---------------------------------------------------------------------------------------
+
+    def _read(self, key: str, path: str) -> list[Row]:
+        """Non-empty texts of a plain text file (one a line) or of a table's text column, as rows."""
+        check_file(f"{key}_path", path)
+        if is_table(path):
+            rows = read_table(path, [self.text_column])
+        else:
+            rows = [Row(path, n, {self.text_column: line.strip()}) for n, line in enumerate(read_lines(path), 1)]
+        if key == "predict":
+            return rows
+        rows = [row for row in rows if row[self.text_column]]
+        if not rows:
+            raise ValueError(f"data.{key}_path={path} holds no text")
+        return rows
+
+    def _split_rows(self, split: str) -> list[Row]:
+        """The split's rows; a val_fraction split is carved from the training file once (seeded)."""
+        if split not in self._rows:
+            if split in ("train", "val") and self.val_path is None and self.val_fraction > 0:
+                rows = self._read("train", self.train_path)
+                n_val = max(1, round(len(rows) * self.val_fraction))
+                order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
+                self._rows["val"] = [rows[i] for i in sorted(order[:n_val])]
+                self._rows["train"] = [rows[i] for i in sorted(order[n_val:])]
+            else:
+                self._rows[split] = self._read(split, getattr(self, f"{split}_path"))
+        return self._rows[split]
+
+    def _fill_mask_dataset(self, rows: list[Row], texts: list[str]) -> MaskedLMDataset:
+        """Texts to fill in: each needs a mask token and must fit in max_len (nothing is cut silently)."""
+        specials, mask_token = self.special_ids, self.special_tokens.mask
+        ids = []
+        for row, text in zip(rows, texts):
+            tokens = encode_with_masks(self.tokenizer, text, specials.mask)
+            if specials.mask not in tokens:
+                raise ValueError(f"{row.where}: no {mask_token} in {text!r}; mark each token to fill in with "
+                                 f"{mask_token}")
+            if len(tokens) + 2 > self.max_len:
+                raise ValueError(f"{row.where}: {len(tokens) + 2} tokens with cls and sep, more than "
+                                 f"data.max_len={self.max_len}; shorten the text")
+            ids.append([specials.cls, *tokens, specials.sep])
+        return MaskedLMDataset(ids, texts)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        specials = self.special_ids
+        collate = functools.partial(collate_masked_lm, pad_id=specials.pad, mask_id=specials.mask,
+                                    special_ids=specials.all(), vocab_size=self.vocab_size, mask_prob=self.mask_prob,
+                                    replace_prob=self.replace_prob, random_prob=self.random_prob)
+        loader = self.bucketed_loader(dataset, [len(x) for x in dataset.ids], collate, self.max_tokens,
+                                      self.batch_size, shuffle)
+        # the same bucketed batches, each index paired with its batch's mask seed (see MaskSeedBatchSampler)
+        batches = MaskSeedBatchSampler(loader.batch_sampler, self.seed, _STREAMS[split], per_epoch=shuffle)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=loader.num_workers,
+                          persistent_workers=loader.persistent_workers)
