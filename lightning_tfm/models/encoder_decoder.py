@@ -11,8 +11,17 @@ from lightning_tfm.blocks.kv_cache import DecoderCache
 from lightning_tfm.blocks.layers import NormPlacement
 from lightning_tfm.blocks.norms import LayerNorm
 from lightning_tfm.blocks.positions import SinusoidalPositions
-from lightning_tfm.models.stacks import (AttentionFactory, DecoderStack, EncoderStack, FeedForwardFactory,
-                                         InputEmbedding, NormFactory, PositionsFactory, check_sizes, init_weights)
+from lightning_tfm.models.stacks import (
+    AttentionFactory,
+    DecoderStack,
+    EncoderStack,
+    FeedForwardFactory,
+    InputEmbedding,
+    NormFactory,
+    PositionsFactory,
+    check_sizes,
+    init_weights,
+)
 
 
 class EncoderDecoder(nn.Module):

@@ -11,8 +11,16 @@ from lightning_tfm.blocks.feedforward import GELUFeedForward
 from lightning_tfm.blocks.layers import NormPlacement
 from lightning_tfm.blocks.norms import LayerNorm
 from lightning_tfm.blocks.positions import LearnedPositions
-from lightning_tfm.models.stacks import (AttentionFactory, EncoderStack, FeedForwardFactory, InputEmbedding,
-                                         NormFactory, PositionsFactory, check_sizes, init_weights)
+from lightning_tfm.models.stacks import (
+    AttentionFactory,
+    EncoderStack,
+    FeedForwardFactory,
+    InputEmbedding,
+    NormFactory,
+    PositionsFactory,
+    check_sizes,
+    init_weights,
+)
 
 
 class EncoderOnly(nn.Module):

@@ -37,7 +37,7 @@ class ClassificationModule(TaskModule):
         super().__init__(optimizer, lr_schedule)
         self.save_hyperparameters()
         self.model = model(vocab_size)
-        self.head = ClassificationHead(model.d_model, n_classes, pooling, head_dropout, pooler)
+        self.head = ClassificationHead(self.model.d_model, n_classes, pooling, head_dropout, pooler)
         metrics = MetricCollection({"acc": MulticlassAccuracy(n_classes, average="micro"),
                                     "f1": MulticlassF1Score(n_classes, average="macro")})
         self.val_metrics, self.test_metrics = metrics.clone(prefix="val_"), metrics.clone(prefix="test_")

@@ -4,8 +4,13 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lightning_tfm.data.readers import read_lines
-from lightning_tfm.data.tokenizers import (SpecialTokens, load_tokenizer, save_tokenizer, special_token_ids,
-                                           train_tokenizer)
+from lightning_tfm.data.tokenizers import (
+    SpecialTokens,
+    load_tokenizer,
+    save_tokenizer,
+    special_token_ids,
+    train_tokenizer,
+)
 
 SPECIALS = SpecialTokens()  # <pad> <unk> <s> </s>
 TRICKY = ["  two leading spaces", "trailing space ", "A  double  gap", " x"]

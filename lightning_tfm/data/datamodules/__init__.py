@@ -1,12 +1,26 @@
 """The LightningDataModules, one file per task family, on a shared base that owns the tokenizer."""
 
 from lightning_tfm.data.datamodules.base import TextDataModule
-from lightning_tfm.data.datamodules.classification import (ClassificationDataModule, ClassificationDataset,
-                                                           collate_classification)
-from lightning_tfm.data.datamodules.language_model import (LanguageModelDataModule, RandomOffsetSampler, TokenBlocks,
-                                                           collate_blocks, collate_prompts)
-from lightning_tfm.data.datamodules.masked_lm import (MaskedLMDataModule, MaskedLMDataset, MaskSeedBatchSampler,
-                                                      collate_fill_mask, collate_masked_lm, encode_with_masks)
+from lightning_tfm.data.datamodules.classification import (
+                                                           ClassificationDataModule,
+                                                           ClassificationDataset,
+                                                           collate_classification,
+)
+from lightning_tfm.data.datamodules.language_model import (
+                                                           LanguageModelDataModule,
+                                                           RandomOffsetSampler,
+                                                           TokenBlocks,
+                                                           collate_blocks,
+                                                           collate_prompts,
+)
+from lightning_tfm.data.datamodules.masked_lm import (
+                                                           MaskedLMDataModule,
+                                                           MaskedLMDataset,
+                                                           MaskSeedBatchSampler,
+                                                           collate_fill_mask,
+                                                           collate_masked_lm,
+                                                           encode_with_masks,
+)
 from lightning_tfm.data.datamodules.translation import TranslationDataModule, TranslationDataset, collate_translation
 
 __all__ = [

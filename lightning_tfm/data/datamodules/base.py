@@ -22,12 +22,19 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import BucketBatchSampler
-from lightning_tfm.data.tokenizers import (SpecialIds, SpecialTokens, TokenizerKind, load_tokenizer, save_tokenizer,
-                                           special_token_ids, train_tokenizer)
+from lightning_tfm.data.tokenizers import (
+    SpecialIds,
+    SpecialTokens,
+    TokenizerKind,
+    load_tokenizer,
+    save_tokenizer,
+    special_token_ids,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -63,6 +70,12 @@ class TextDataModule(L.LightningDataModule):
         # No save_hyperparameters(): SpecialTokens is a dataclass, which `torch.load(weights_only=True)` refuses
         # to unpickle from a checkpoint; LightningCLI's config.yaml records these arguments instead.
 
+    def __str__(self) -> str:
+        # LightningDataModule.__str__ builds every DataLoader (tokenizing whole splits) to report their sizes,
+        # and jsonargparse formats the datamodule into a log message for each link it skips (data.n_classes
+        # of a datamodule without labels), so the default made `predict` tokenize the training set twice.
+        return type(self).__name__
+
     # --- what subclasses provide -------------------------------------------------------------------------
 
     def training_texts(self) -> Iterator[str]:
@@ -77,6 +90,7 @@ class TextDataModule(L.LightningDataModule):
         """Everything a trained tokenizer depends on; subclasses add their split settings."""
         files = []
         for name in self.training_files():
+            check_file("train_path", name)
             stat = Path(name).stat()
             files.append({"path": str(Path(name).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
         return {"kind": self.tokenizer_kind, "vocab_size": self.tokenizer_vocab_size,
