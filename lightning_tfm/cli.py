@@ -3,21 +3,30 @@
     lightning_tfm fit --config configs/lm/shakespeare_char_small.yaml
     lightning_tfm test --config configs/lm/shakespeare_char_small.yaml --ckpt_path best
     lightning_tfm predict --config ... --ckpt_path best --data.predict_path prompts.txt --predictions.path out.txt
+    lightning_tfm average runs/NAME/checkpoints/step-*.ckpt --last 5 --output runs/NAME/checkpoints/averaged.ckpt
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tokenizers import Tokenizer
 
 import lightning_tfm.blocks  # noqa: F401  (so --help lists the blocks as known subclasses)
 import lightning_tfm.models.presets  # noqa: F401
 from lightning_tfm.callbacks import PredictionWriter
+from lightning_tfm.checkpoints import AtomicCheckpointIO, average_checkpoints, load_checkpoint
 
 DESCRIPTION = """Train, evaluate and use Transformers from YAML.
 
@@ -31,9 +40,25 @@ blocks (by class_path inside a model):  attention MultiHeadAttention; feedforwar
                            GELUFeedForward, SiLUFeedForward, SwiGLU; norm LayerNorm, RMSNorm; positions
                            SinusoidalPositions, LearnedPositions, RotaryPositions, ALiBiPositions
 
+Average checkpoints (paper §6.1):  lightning_tfm average CKPT [CKPT ...] [--last N] --output FILE
+
 Show every option of a class:  lightning_tfm fit --model.help lightning_tfm.tasks.TranslationModule
 Show a whole resolved config:  lightning_tfm fit --config FILE --print_config
 """
+
+
+class SaveConfigEverywhere(SaveConfigCallback):
+    """LightningCLI's config.yaml in the log folder, and the same resolved config in every W&B run (under the
+    key "config", beside the model's hyperparameters) with the YAML file itself saved in the run's files."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and not getattr(logger.experiment, "disabled", False):
+                run = logger.experiment
+                run.config.update({"config": self.config.as_dict()}, allow_val_change=True)
+                path = Path(run.dir) / self.config_filename
+                self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+                run.save(str(path), base_path=run.dir, policy="now")
 
 
 class TransformerCLI(LightningCLI):
@@ -45,23 +70,37 @@ class TransformerCLI(LightningCLI):
         parser.link_arguments("data.n_classes", "model.init_args.n_classes", apply_on="instantiate")
         parser.add_class_arguments(PredictionWriter, "predictions")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:     # not a user's, nor FSDP's sharded one
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self._checkpoint = None
+        if ckpt_path and Path(ckpt_path).is_file():
+            # read it safely before LightningCLI does: a damaged or foreign file gets our one-line error, and a
+            # pickle that would run code is refused
+            self._checkpoint = load_checkpoint(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        ckpt_path = config.get("ckpt_path")
-        if self.subcommand != "fit" and ckpt_path and Path(ckpt_path).is_file():
-            _use_checkpoint_tokenizer(config, Path(ckpt_path))
+        if self._checkpoint is not None and self.subcommand != "fit":     # evaluate with the checkpoint's tokenizer
+            _use_checkpoint_tokenizer(config, Path(config["ckpt_path"]), self._checkpoint.get("tokenizer"))
+        self._checkpoint = None
 
     def before_predict(self) -> None:
         config = self.config[self.subcommand]
         self.trainer.callbacks.append(PredictionWriter(**config["predictions"]))
 
 
-def _use_checkpoint_tokenizer(config: Any, ckpt_path: Path) -> None:
-    """Point the datamodule at the tokenizer stored in the checkpoint (extracted beside it). An explicit
+def _use_checkpoint_tokenizer(config: Any, ckpt_path: Path, stored: str | None) -> None:
+    """Point the datamodule at the tokenizer stored in the checkpoint (written to a file in the temporary
+    folder, named by its hash, so the checkpoint's folder may be read-only and stays as it was). An explicit
     `data.tokenizer_path` is kept when it holds that same tokenizer, and is an error when it holds another."""
-    from lightning_tfm.checkpoints import load_checkpoint
-
-    stored = load_checkpoint(ckpt_path).get("tokenizer")
     data_args = config["data"]["init_args"]
     if stored is None or "tokenizer_path" not in data_args:
         return
@@ -71,15 +110,45 @@ def _use_checkpoint_tokenizer(config: Any, ckpt_path: Path) -> None:
             raise ValueError(f"data.tokenizer_path={given} is not the tokenizer stored in the checkpoint "
                              f"{ckpt_path}; leave data.tokenizer_path unset to use the checkpoint's own")
         return
-    target = ckpt_path.with_suffix(".tokenizer.json")
-    if not target.exists() or target.read_text(encoding="utf-8") != stored:
-        target.write_text(stored, encoding="utf-8")
+    digest = hashlib.sha256(stored.encode("utf-8")).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / f"lightning_tfm-tokenizer-{digest}.json"
+    if not target.is_file() or target.read_text(encoding="utf-8") != stored:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(stored, encoding="utf-8")
+        os.replace(tmp, target)
     data_args["tokenizer_path"] = str(target)
 
 
+def average(args: list[str]) -> None:
+    """`lightning_tfm average`: write the mean of the newest N checkpoints' weights to a new checkpoint."""
+    parser = argparse.ArgumentParser(prog="lightning_tfm average", description=average.__doc__.split(": ")[1])
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint files of one run (a shell glob is fine)")
+    parser.add_argument("--last", type=int, default=None, help="keep only the N with the highest global step")
+    parser.add_argument("--output", required=True, help="the averaged checkpoint to write")
+    options = parser.parse_args(args)
+    if options.last is not None and options.last < 2:
+        parser.error(f"--last {options.last}: average at least 2 checkpoints")
+    try:
+        paths = options.checkpoints
+        if options.last is not None:
+            steps = {path: load_checkpoint(path).get("global_step", 0) for path in paths}
+            paths = sorted(paths, key=steps.__getitem__)[-options.last:]
+        averaged = average_checkpoints(paths, options.output)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"lightning_tfm average: {e}")
+    print(f"averaged {len(paths)} checkpoints into {options.output}: {', '.join(averaged['averaged_from'])}")
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["average"]:
+        return average(argv[1:])
     torch.set_float32_matmul_precision("high")
+    # W&B without an account or network: offline runs on disk (`wandb sync` uploads them); WANDB_MODE=online
+    # logs live, WANDB_MODE=disabled turns it off
+    os.environ.setdefault("WANDB_MODE", "offline")
     TransformerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   save_config_callback=SaveConfigEverywhere,
                    parser_kwargs={"description": DESCRIPTION, "parser_mode": "omegaconf+"},
                    save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
 

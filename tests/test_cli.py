@@ -8,64 +8,28 @@ with the same weights as the run it was printed from. `--print_config` alone run
 parses, and a subprocess spends ~7 s importing torch and Lightning.
 """
 
-import csv
 import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from commands import ROOT, best_score, last_line, lightning_tfm, metrics
 from tokenizers import Tokenizer
 
 from lightning_tfm import cli
 from lightning_tfm.checkpoints import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LIGHTNING_TFM_DATA", ROOT.parent / "shared" / "data"))
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 LM, MT, SST2 = "configs/lm/shakespeare_char_small.yaml", "configs/translation/multi30k_small.yaml", \
     "configs/classification/sst2_small.yaml"
 MODEL = "--model.init_args.model.init_args"
 TINY = [f"{MODEL}.d_model", 32, f"{MODEL}.n_layers", 1, f"{MODEL}.n_heads", 2, f"{MODEL}.d_ff", 64,
         "--trainer.max_steps", 20, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-def lightning_tfm(*args, ok: bool = True) -> subprocess.CompletedProcess:
-    """Run the installed `lightning_tfm` from the repository root; with `ok`, fail showing its stderr unless it
-    exits 0."""
-    script = Path(sys.executable).with_name("lightning_tfm")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "lightning_tfm.cli"]
-    # One thread: the models are tiny, and two spinning OpenMP threads on two busy cores run 4x slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if ok and proc.returncode != 0:
-        pytest.fail(f"lightning_tfm {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def last_line(proc: subprocess.CompletedProcess) -> str:
-    """The last line of stderr: the exception that stopped the command, so it must be ours, not torch's."""
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    return proc.stderr.strip().splitlines()[-1]
-
-
-def metrics(run: Path) -> list[dict[str, float]]:
-    """The rows of the run's CSVLogger metrics.csv, empty cells left out."""
-    (path,) = run.glob("logs/version_*/metrics.csv")
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-def best_score(ckpt: Path) -> float:
-    """The monitored value ModelCheckpoint recorded when it wrote `ckpt`."""
-    states = load_checkpoint(ckpt)["callbacks"].values()
-    return next(float(s["best_model_score"]) for s in states if "best_model_score" in s)
 
 
 def check_fit(run: Path, monitor: str, mode: str, columns: tuple[str, ...]) -> list[dict[str, float]]:
@@ -81,30 +45,6 @@ def check_fit(run: Path, monitor: str, mode: str, columns: tuple[str, ...]) -> l
     trained = Tokenizer.from_file(str(run / "tokenizer/tokenizer.json")).to_str()
     assert best["tokenizer"] == last["tokenizer"] == trained
     return rows
-
-
-def _head(path: Path, n: int) -> str:
-    with open(path, encoding="utf-8", newline="") as f:
-        return "".join(f.readline() for _ in range(n))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Slices of the real data: 40,000 characters of Tiny Shakespeare (and its last 10%, the LM's validation
-    split, as a file of its own); 1000 Multi30k training pairs and 24 validation pairs; 1000 SST-2 training
-    rows and 96 dev rows."""
-    if not (DATA / "multi30k" / "train.en").is_file():
-        pytest.fail(f"shared data not found at {DATA}; set LIGHTNING_TFM_DATA to the folder holding multi30k/ etc.")
-    out = tmp_path_factory.mktemp("data")
-    text = (DATA / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")[:40_000]
-    (out / "lm_train.txt").write_text(text, encoding="utf-8")
-    (out / "lm_val.txt").write_text(text[int(len(text) * 0.9):], encoding="utf-8")  # the val_fraction=0.1 cut
-    for split, n in (("train", 1000), ("val", 24)):
-        for lang in ("en", "de"):
-            (out / f"mt_{split}.{lang}").write_text(_head(DATA / "multi30k" / f"{split}.{lang}", n), encoding="utf-8")
-    (out / "sst2_train.tsv").write_text(_head(DATA / "sst2" / "train.tsv", 1001), encoding="utf-8")
-    (out / "sst2_dev.tsv").write_text(_head(DATA / "sst2" / "dev.tsv", 97), encoding="utf-8")
-    return out
 
 
 def lm_fit_args(data: Path, run: Path) -> list:
@@ -205,6 +145,22 @@ def test_translation_test_uses_the_checkpoint_tokenizer(data, mt_run, tmp_path):
     assert row["test_loss"] == pytest.approx(val["val_loss"], rel=1e-5)   # same weights, tokens and batches
     assert 0 <= row["test_bleu"] <= 100                                  # beam 4 here, greedy in validation
     assert not (tmp_path / "tokenizer").exists()
+
+
+def test_translation_average_of_epoch_checkpoints_evaluates_like_any_checkpoint(data, mt_run, tmp_path):
+    epochs = sorted(map(str, (mt_run / "checkpoints").glob("epoch-*.ckpt")))
+    assert [Path(p).name for p in epochs] == ["epoch-00.ckpt", "epoch-01.ckpt"]
+    proc = lightning_tfm("average", *epochs, "--last", 5, "--output", tmp_path / "averaged.ckpt")
+    assert "averaged 2 checkpoints" in proc.stdout
+    first, second = (load_checkpoint(p)["state_dict"] for p in epochs)
+    averaged = load_checkpoint(tmp_path / "averaged.ckpt")["state_dict"]
+    for name, tensor in averaged.items():
+        torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-7)
+    lightning_tfm("test", "--config", MT, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
+                  tmp_path / "averaged.ckpt", "--data.test_path", data / "mt_val", "--data.max_tokens", 512,
+                  "--trainer.enable_progress_bar", "false")
+    (row,) = metrics(tmp_path)
+    assert math.isfinite(row["test_loss"]) and 0 <= row["test_bleu"] <= 100
 
 
 def test_translation_predict_writes_one_line_per_source(data, mt_run, tmp_path):

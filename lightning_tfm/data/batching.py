@@ -11,6 +11,7 @@ takes its own share of it. `pad_batch` right-pads token lists into `(B, T)` tens
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from typing import Iterator, Sequence
 
@@ -57,14 +58,14 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, pad_to_multiple: 
 
 
 class _EpochHandle:
-    """Forwards `set_epoch` to its batch sampler.
+    """Forwards `set_epoch` to its batch sampler (a `BucketBatchSampler` or `ResumableBatches`).
 
     Lightning (2.6, `lightning.fabric.utilities.data._set_sampler_epoch`) calls `set_epoch` on a DataLoader's
     `sampler` and on `batch_sampler.sampler`, never on the batch sampler itself; without this handle every
     epoch would repeat the first epoch's order (tested with a Trainer in tests/data/datamodules).
     """
 
-    def __init__(self, owner: "BucketBatchSampler") -> None:
+    def __init__(self, owner: "BucketBatchSampler | ResumableBatches") -> None:
         self.owner = owner
 
     def set_epoch(self, epoch: int) -> None:
@@ -185,3 +186,43 @@ class BucketBatchSampler(Sampler[list[int]]):
             longest = grown
         batches.append(batch)
         return batches
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """A training batch sampler that can start an epoch part-way, so a run resumed from a mid-epoch checkpoint
+    continues with the batch after the last one it trained on: no batch seen twice, none skipped.
+
+    The wrapped sampler must give the same batches for the same epoch (ours are seeded by seed and epoch).
+
+    Args:
+        batches: the batch sampler to wrap (`BucketBatchSampler`, or a `BatchSampler` over a seeded sampler).
+    """
+
+    def __init__(self, batches: Sampler[list[int]]) -> None:
+        self.batches = batches
+        self.epoch = 0
+        self.sampler = _EpochHandle(self)
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        inner = self.batches if hasattr(self.batches, "set_epoch") else getattr(self.batches, "sampler", None)
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Skip the first `batches_done` batches the next time epoch `epoch` is iterated."""
+        self._resume = (epoch, batches_done)
+
+    @property
+    def num_real_batches(self) -> int:
+        return getattr(self.batches, "num_real_batches", len(self))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start, self._resume = self._resume[1], None
+        return itertools.islice(iter(self.batches), start, None)
+
+    def __len__(self) -> int:
+        return len(self.batches)

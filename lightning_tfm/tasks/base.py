@@ -1,13 +1,19 @@
-"""What the three tasks share: the optimizer and schedule chosen from YAML, and the tokenizer (plus any
-task metadata) carried inside every checkpoint so evaluation and fine-tuning use what training used."""
+"""What the tasks share: the optimizer and schedule chosen from YAML; the tokenizer (plus any task metadata)
+carried inside every checkpoint so evaluation and fine-tuning use what training used; the random state in
+every checkpoint, so a resumed run draws the same dropout masks as an uninterrupted one; a stop with a clear
+message at the first non-finite loss; and the test that keeps DDP's repeated evaluation batches out of the
+metrics."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -27,6 +33,7 @@ class TaskModule(L.LightningModule):
         super().__init__()
         self.optimizer_factory, self.schedule_factory = optimizer, lr_schedule
         self.tokenizer: Tokenizer | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     def default_optimizer(self, params: Iterable) -> Optimizer:
         raise NotImplementedError(f"{type(self).__name__} must define its default optimizer")
@@ -64,11 +71,45 @@ class TaskModule(L.LightningModule):
             raise ValueError(f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_vocab}: "
                              "this checkpoint was trained with another tokenizer; pass the one stored with it")
 
+    def is_repeat(self, batch_idx: int, dataloader_idx: int = 0) -> bool:
+        """Whether this evaluation batch is one of the repeats that give every DDP rank as many batches as the
+        others (see `BucketBatchSampler`). Evaluation steps still run on them, so every rank joins every
+        collective, but must leave them out of the metrics, so each example counts once."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return False
+        trainer = self.trainer
+        loaders = (trainer.test_dataloaders if trainer.testing else trainer.predict_dataloaders
+                   if trainer.predicting else trainer.val_dataloaders)
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[dataloader_idx]
+        sampler = getattr(loaders, "batch_sampler", None)
+        sampler = getattr(sampler, "_batch_sampler", sampler)          # Lightning wraps it when predicting
+        real = getattr(sampler, "num_real_batches", None)
+        return real is not None and batch_idx >= real
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop at the first NaN or infinite loss on any rank, naming the step, before its gradients reach the
+        weights or the optimizer state (the last checkpoint on disk is then the last good one)."""
+        bad = not math.isfinite(float(loss.detach()))
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            raise FloatingPointError(
+                f"the training loss is {float(loss.detach())} at step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {self.trainer.fit_loop.epoch_loop.batch_idx}); training stopped. "
+                "Lower the learning rate, clip gradients (trainer.gradient_clip_val) or use bf16 instead of fp16, "
+                "and resume from the last good checkpoint")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:     # deferred: building the DataLoader iterator draws from it
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_state"] = _rng_state()
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_state")
         stored = checkpoint.get("tokenizer")
         if stored is None:
             return
@@ -78,3 +119,17 @@ class TaskModule(L.LightningModule):
                              "Python, save it with `Tokenizer.from_str(ckpt['tokenizer']).save(path)` and give "
                              "that path to the datamodule)")
         self.tokenizer = Tokenizer.from_str(stored)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Torch's CPU and CUDA generators (dropout, masking), as tensors a weights-only load accepts."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import AdamW, Optimizer
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_tfm.models.encoder_only import EncoderOnly
@@ -41,6 +41,7 @@ class ClassificationModule(TaskModule):
         metrics = MetricCollection({"acc": MulticlassAccuracy(n_classes, average="micro"),
                                     "f1": MulticlassF1Score(n_classes, average="macro")})
         self.val_metrics, self.test_metrics = metrics.clone(prefix="val_"), metrics.clone(prefix="test_")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.label_names: list[str] = [str(i) for i in range(n_classes)]
 
     def forward(self, ids: Tensor, mask: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
@@ -53,10 +54,10 @@ class ClassificationModule(TaskModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics)
+        self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics)
+        self._evaluate(batch, batch_idx, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         probs = self._logits(batch).float().softmax(-1)
@@ -92,10 +93,13 @@ class ClassificationModule(TaskModule):
     def _logits(self, batch: dict[str, Any]) -> Tensor:
         return self(batch["ids"], batch["mask"], batch.get("segments"))
 
-    def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MetricCollection) -> None:
-        logits = self._logits(batch)
-        loss = F.cross_entropy(logits, batch["labels"])
-        self.log(f"{stage}_loss", loss, batch_size=len(batch["labels"]), sync_dist=True)
-        metrics.update(logits.argmax(-1), batch["labels"])
-        self.log_dict(metrics, prog_bar=True, batch_size=len(batch["labels"]))
-
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        """Loss, accuracy and macro-F1 over the whole set: each example counted once across ranks."""
+        mean_loss, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
+        if not self.is_repeat(batch_idx):
+            logits = self._logits(batch)
+            labels = batch["labels"]
+            mean_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
+            metrics.update(logits.argmax(-1), labels)
+        self.log(f"{stage}_loss", mean_loss)
+        self.log_dict(metrics, prog_bar=True)

@@ -54,10 +54,10 @@ class LanguageModelModule(TaskModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_loss)
+        self._evaluate(batch, batch_idx, self.val_loss)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_loss)
+        self._evaluate(batch, batch_idx, self.test_loss)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Continue each prompt of the batch; prompts run one at a time since they differ in length."""
@@ -88,7 +88,8 @@ class LanguageModelModule(TaskModule):
         cache = self.model.new_cache(prompt.shape[1] + max_new_tokens)
 
         def step(tokens: Tensor) -> Tensor:
-            return self.model(tokens, cache=cache)[:, -1].float()
+            # project only the last position: the prompt's other logits are never used
+            return self.model.output(self.model.hidden(tokens, cache=cache)[:, -1]).float()
 
         if self.temperature == 0:
             return greedy_search(step, prompt, -1 if self.eos_id is None else self.eos_id, max_new_tokens)
@@ -103,9 +104,10 @@ class LanguageModelModule(TaskModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return loss, int((targets != -100).sum())
 
-    def _evaluate(self, batch: dict[str, Any], stage: str, mean_loss: MeanMetric) -> None:
-        loss, n_tokens = self._loss(batch)
-        mean_loss.update(loss, weight=n_tokens)           # token-weighted, so the mean is over the whole set
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, mean_loss: MeanMetric) -> None:
+        if not self.is_repeat(batch_idx):
+            loss, n_tokens = self._loss(batch)
+            mean_loss.update(loss, weight=n_tokens)       # token-weighted, so the mean is over the whole set
 
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val", self.val_loss)
@@ -115,7 +117,7 @@ class LanguageModelModule(TaskModule):
 
     def _log_perplexity(self, stage: str, mean_loss: MeanMetric) -> None:
         """Log the loss and perplexity of the whole set (synced across processes by torchmetrics)."""
-        if mean_loss.update_count:
+        if mean_loss.update_count or self.trainer.world_size > 1:    # compute() syncs: every rank must call it
             loss = mean_loss.compute()
             self.log(f"{stage}_loss", loss, prog_bar=True)
             self.log(f"{stage}_ppl", torch.exp(loss))

@@ -75,10 +75,10 @@ class MaskedLanguageModelModule(TaskModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss, self.val_acc)
+        self._evaluate(batch, batch_idx, self.val_loss, self.val_acc)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss, self.test_acc)
+        self._evaluate(batch, batch_idx, self.test_loss, self.test_acc)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Each text with every mask token replaced by the most probable non-special token."""
@@ -116,7 +116,9 @@ class MaskedLanguageModelModule(TaskModule):
         loss, n_tokens = masked_lm_loss(logits, labels[chosen])
         return loss, logits.argmax(-1) == labels[chosen], n_tokens
 
-    def _evaluate(self, batch: dict[str, Any], mean_loss: MeanMetric, accuracy: MeanMetric) -> None:
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, mean_loss: MeanMetric, accuracy: MeanMetric) -> None:
+        if self.is_repeat(batch_idx):
+            return
         loss, correct, n_tokens = self._loss(batch)
         if n_tokens:
             mean_loss.update(loss, weight=n_tokens)      # token-weighted, so the mean is over the whole set
@@ -130,7 +132,7 @@ class MaskedLanguageModelModule(TaskModule):
 
     def _log_metrics(self, stage: str, mean_loss: MeanMetric, accuracy: MeanMetric) -> None:
         """Log the loss, perplexity and masked-token accuracy of the whole set (synced by torchmetrics)."""
-        if mean_loss.update_count:
+        if mean_loss.update_count or self.trainer.world_size > 1:    # compute() syncs: every rank must call it
             loss = mean_loss.compute()
             self.log(f"{stage}_loss", loss, prog_bar=True)
             self.log(f"{stage}_ppl", torch.exp(loss))

@@ -11,11 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Adam, Optimizer
+from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
 
 from lightning_tfm.decoding import beam_search, greedy_search
 from lightning_tfm.models.encoder_decoder import EncoderDecoder
 from lightning_tfm.tasks.base import OptimizerFactory, ScheduleFactory, TaskModule
+
+
+class CorpusBLEU(SacreBLEUScore):
+    """sacreBLEU's corpus BLEU on detokenized text (13a tokenization, cased), on the 0-100 scale that sacreBLEU
+    and the papers report (torchmetrics' own is 0-1)."""
+
+    def compute(self) -> Tensor:
+        return super().compute() * 100
 
 
 class TranslationModule(TaskModule):
@@ -47,15 +56,16 @@ class TranslationModule(TaskModule):
         self.model = model(vocab_size)
         self.label_smoothing, self.length_penalty, self.max_extra_len = label_smoothing, length_penalty, max_extra_len
         self.beam_size, self.val_beam_size = beam_size, val_beam_size
-        self.val_bleu, self.test_bleu = SacreBLEUScore(tokenize="13a"), SacreBLEUScore(tokenize="13a")
+        self.val_bleu, self.test_bleu = CorpusBLEU(tokenize="13a"), CorpusBLEU(tokenize="13a")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.pad_id = self.bos_id = self.eos_id = -1
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, beam_size: int | None = None) -> Tensor:
         """Translate a batch: (B, S) source ids -> (B, L) target ids (EOS included, padded with pad_id)."""
         beam_size = self.beam_size if beam_size is None else beam_size
-        step, reorder = self._incremental(src, src_mask)
         src_len = src_mask.sum(-1) if src_mask is not None else torch.full((src.shape[0],), src.shape[1])
         max_len = (src_len + self.max_extra_len).to(src.device)
+        step, reorder = self._incremental(src, src_mask, int(max_len.max()) + 1)
         start = torch.full((src.shape[0],), self.bos_id, dtype=torch.long, device=src.device)
         if beam_size == 1:
             return greedy_search(step, start, self.eos_id, max_len, self.pad_id)
@@ -68,10 +78,10 @@ class TranslationModule(TaskModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_beam_size, self.val_bleu)
+        self._evaluate(batch, batch_idx, "val", self.val_beam_size)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.beam_size, self.test_bleu)
+        self._evaluate(batch, batch_idx, "test", self.beam_size)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         return self.detokenize(self(batch["src"], batch["src_mask"]))
@@ -101,18 +111,23 @@ class TranslationModule(TaskModule):
                                label_smoothing=self.label_smoothing)
         return loss, int(tgt_mask[:, 1:].sum())
 
-    def _evaluate(self, batch: dict[str, Any], stage: str, beam_size: int, bleu: SacreBLEUScore) -> None:
-        loss, n_tokens = self._loss(batch)
-        self.log(f"{stage}_loss", loss, batch_size=n_tokens, sync_dist=True)
-        hypotheses = self.detokenize(self(batch["src"], batch["src_mask"], beam_size))
-        bleu.update(hypotheses, [[ref] for ref in batch["refs"]])
-        self.log(f"{stage}_bleu", bleu, prog_bar=True, batch_size=len(hypotheses))
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str, beam_size: int) -> None:
+        """Token-weighted loss and corpus BLEU over the whole set: each sentence counted once across ranks."""
+        mean_loss, bleu = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_bleu")
+        if not self.is_repeat(batch_idx):
+            loss, n_tokens = self._loss(batch)
+            mean_loss.update(loss, weight=n_tokens)
+            hypotheses = self.detokenize(self(batch["src"], batch["src_mask"], beam_size))
+            bleu.update(hypotheses, [[ref] for ref in batch["refs"]])
+        self.log(f"{stage}_loss", mean_loss)
+        self.log(f"{stage}_bleu", bleu, prog_bar=True)
 
-    def _incremental(self, src: Tensor, src_mask: Tensor | None):
-        """Step and reorder closures over one KV cache; the encoder runs once per sentence, not per beam."""
+    def _incremental(self, src: Tensor, src_mask: Tensor | None, max_len: int = 0):
+        """Step and reorder closures over one KV cache (preallocated for max_len target positions); the encoder
+        runs once per sentence, not per beam."""
         model = self.model
         state = {"memory": model.encode(src, src_mask), "src_mask": src_mask}
-        cache = model.new_cache()
+        cache = model.new_cache(max_len)
 
         def step(tokens: Tensor) -> Tensor:
             logits = model.decode(tokens, state["memory"], state["src_mask"], cache=cache)[:, -1]

@@ -98,9 +98,10 @@ def test_kv_cache_step_by_step_equals_full_causal_attention():
     assert cache.length == 7
 
 
-def test_fully_masked_rows_stay_finite_in_half_precision():
-    attn = MultiHeadAttention(16, 4).eval().to(torch.bfloat16)
-    x = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fully_masked_rows_stay_finite_in_half_precision(dtype):
+    attn = MultiHeadAttention(16, 4).eval().to(dtype)
+    x = torch.randn(2, 4, 16, dtype=dtype)
     real = torch.tensor([[True, True, False, False], [False, False, False, False]])
     for bias in (None, ALiBiPositions(16, 4).attention_bias(4, 4)):
         out = attn(x, mask=make_mask(real, 4, 4, causal=True, bias=bias))
@@ -108,6 +109,20 @@ def test_fully_masked_rows_stay_finite_in_half_precision():
         attn.keep_weights = True
         assert torch.isfinite(attn(x, mask=make_mask(real, 4, 4, causal=True, bias=bias))).all()
         attn.keep_weights = False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_long_causal_mask_in_half_precision_stays_close_to_float32(dtype):
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(32, 4).eval()
+    x = torch.randn(2, 1024, 32)
+    real = torch.ones(2, 1024, dtype=torch.bool)
+    real[1, 700:] = False                                             # padding too
+    with torch.no_grad():
+        want = attn(x, mask=make_mask(real, 1024, 1024, causal=True))
+        got = attn.to(dtype)(x.to(dtype), mask=make_mask(real, 1024, 1024, causal=True))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -26,3 +26,18 @@ def test_label_smoothed_loss_equals_its_formula_and_ignores_padding():
             count += 1
     assert n_tokens == count == 6
     assert math.isclose(loss.item(), total / count, rel_tol=1e-5)
+
+
+def test_corpus_bleu_equals_sacrebleu_on_the_0_to_100_scale():
+    import sacrebleu
+
+    from lightning_tfm.tasks.translation import CorpusBLEU
+
+    hypotheses = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee!", "Eine Frau liest"]
+    references = ["Ein Mann fährt ein Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch."]
+    bleu = CorpusBLEU(tokenize="13a")
+    bleu.update(hypotheses[:2], [[r] for r in references[:2]])       # over batches, as in validation
+    bleu.update(hypotheses[2:], [[r] for r in references[2:]])
+    want = sacrebleu.corpus_bleu(hypotheses, [references], tokenize="13a").score
+    assert math.isclose(bleu.compute().item(), want, rel_tol=1e-5)
+    assert 10 < want < 100

@@ -7,6 +7,9 @@ runs and the other ranks load that file while the record still matches, and retr
 settings change. Properties such as `vocab_size` train or load the tokenizer on first use, so LightningCLI
 can link `data.vocab_size` into the model right after building the datamodule.
 
+Every checkpoint records how far training is into its epoch (`state_dict`), and the training loader of a run
+resumed from it starts at the next batch (`resumable`), so a crash mid-epoch costs no repeated or skipped data.
+
 Under DDP our batch samplers split the data across ranks themselves (every rank gets the same number of
 batches), so the Trainer must not inject its own: use `Trainer(use_distributed_sampler=False)`; otherwise
 Lightning stops with a TypeError saying so.
@@ -22,10 +25,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_tfm.data.batching import BucketBatchSampler
+from lightning_tfm.data.batching import BucketBatchSampler, ResumableBatches
 from lightning_tfm.data.tokenizers import (
     SpecialIds,
     SpecialTokens,
@@ -67,6 +71,7 @@ class TextDataModule(L.LightningDataModule):
         self._tokenizer: Tokenizer | None = None
         self._special_ids: SpecialIds | None = None
         self._datasets: dict[str, Dataset] = {}
+        self._resume: tuple[int, int] | None = None
         # No save_hyperparameters(): SpecialTokens is a dataclass, which `torch.load(weights_only=True)` refuses
         # to unpickle from a checkpoint; LightningCLI's config.yaml records these arguments instead.
 
@@ -192,6 +197,29 @@ class TextDataModule(L.LightningDataModule):
                 self.dataset(split)
 
     # --- loaders -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch and the training batches done in it; Lightning stores this in every checkpoint."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Called by Lightning when fit resumes from a checkpoint, before the training loader is built."""
+        self._resume = (state["epoch"], state["batches_done"]) if state else None
+
+    def resumable(self, loader: DataLoader) -> DataLoader:
+        """The training loader, starting at the batch after the checkpoint's when fit resumes mid-epoch."""
+        batches = ResumableBatches(loader.batch_sampler)
+        if self._resume is not None:
+            # Lightning (2.6) draws the first batch of a resumed epoch before it calls set_epoch: set it now
+            batches.set_epoch(self._resume[0])
+            batches.resume(*self._resume)
+            self._resume = None
+        return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn,
+                          num_workers=loader.num_workers, persistent_workers=loader.persistent_workers)
 
     def world(self) -> tuple[int, int]:
         """(num_replicas, rank) from the attached Trainer, else torch.distributed, else (1, 0)."""

@@ -195,7 +195,7 @@ class ClassificationDataModule(TextDataModule):
         return ClassificationDataset(ids, segments, labels)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.resumable(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", shuffle=False) if self.has_split("val") else []

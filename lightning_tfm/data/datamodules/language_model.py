@@ -162,8 +162,9 @@ class LanguageModelDataModule(TextDataModule):
         dataset = self.dataset("train")
         _, rank = self.world()
         sampler = RandomOffsetSampler(len(dataset), self.batches_per_epoch * self.batch_size, self.seed, rank)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_blocks,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return self.resumable(DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                         collate_fn=collate_blocks, num_workers=self.num_workers,
+                                         persistent_workers=self.num_workers > 0))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._windows("val") if self.has_split("val") else []

@@ -235,7 +235,7 @@ class MaskedLMDataModule(TextDataModule):
         return MaskedLMDataset(ids, texts)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.resumable(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", shuffle=False) if self.has_split("val") else []

@@ -148,7 +148,7 @@ class TranslationDataModule(TextDataModule):
         return TranslationDataset(src, tgt, texts)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.resumable(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", shuffle=False) if self.val_path is not None else []

@@ -47,11 +47,11 @@ def test_offsets_depend_on_seed_epoch_and_rank(lm):
 
     a, b = lm.train_dataloader(), lm.train_dataloader()
     assert torch.equal(first_batch(a), first_batch(b))
-    a.sampler.set_epoch(1)
+    a.batch_sampler.sampler.set_epoch(1)                  # where Lightning calls it
     assert not torch.equal(first_batch(a), first_batch(b))
-    b.sampler.set_epoch(1)
+    b.batch_sampler.sampler.set_epoch(1)
     assert torch.equal(first_batch(a), first_batch(b))
-    b.sampler.rank = 1
+    b.batch_sampler.batches.sampler.rank = 1              # ResumableBatches > BatchSampler > RandomOffsetSampler
     assert not torch.equal(first_batch(a), first_batch(b))
 
 

@@ -1,0 +1,70 @@
+"""Callbacks the subprocess tests add to a real `lightning_tfm fit` (with tests/support on PYTHONPATH), to see
+inside the run: which batches each rank trained on, each rank's final weights, and a real SIGKILL mid-epoch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def fingerprint(batch: dict[str, Any]) -> str:
+    """A short hash of the batch's tensors, to compare batches across runs."""
+    digest = hashlib.sha1()
+    for key in sorted(batch):
+        if isinstance(batch[key], torch.Tensor):
+            digest.update(key.encode())
+            digest.update(batch[key].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class RecordBatches(L.Callback):
+    """Append "step epoch batch_idx fingerprint" for every training batch to `<folder>/batches.rank<r>.txt`."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"batches.rank{trainer.global_rank}.txt", "a") as f:
+            f.write(f"{trainer.global_step} {trainer.current_epoch} {batch_idx} {fingerprint(batch)}\n")
+
+
+class SaveRankWeights(L.Callback):
+    """At the end of fit, every rank writes its model's weights to `<folder>/weights.rank<r>.pt`."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(module.state_dict(), self.folder / f"weights.rank{trainer.global_rank}.pt")
+
+
+class SigkillAtStep(L.Callback):
+    """Kill this process with SIGKILL (no cleanup, no handler runs) once `step` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonWeightsAtStep(L.Callback):
+    """Fill the first parameter with NaN before batch `step`, as a diverged update would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(module.parameters()).fill_(float("nan"))

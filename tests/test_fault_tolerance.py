@@ -1,0 +1,106 @@
+"""Runs that crash and resume: a real SIGKILL mid-epoch, `fit --ckpt_path last`, and the resumed run must train
+on exactly the batches the uninterrupted run did (none twice, none skipped) and end with bitwise the same
+weights (same seed, one CPU thread: the same operations in the same order). Also: a NaN loss stops training
+with a message naming the step and leaves the last good checkpoint as the newest one."""
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from commands import ROOT, last_line, lightning_tfm
+
+from lightning_tfm.checkpoints import load_checkpoint
+
+LM = ROOT / "configs/lm/shakespeare_char_small.yaml"
+MODEL = "--model.init_args.model.init_args"
+
+
+def lm_config(tmp_path: Path, run: Path, data: Path, *probes: dict) -> Path:
+    """The LM config, tiny, with dropout (so the random state matters) and last.ckpt every 5 steps."""
+    config = yaml.safe_load(LM.read_text())
+    model = config["model"]["init_args"]["model"]["init_args"]
+    model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.1)
+    model["positions"]["init_args"]["max_len"] = 32
+    config["data"]["init_args"].update(train_path=str(data / "lm_train.txt"), block_size=32, batch_size=8,
+                                       batches_per_epoch=10)
+    config["trainer"].update(default_root_dir=str(run), max_steps=20, limit_val_batches=4,
+                             enable_progress_bar=False, enable_model_summary=False)
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(run / "checkpoints"), "filename": "last", "every_n_train_steps": 5,
+                       "enable_version_counter": False}},
+        {"class_path": "probes.RecordBatches", "init_args": {"folder": str(run)}},
+        *probes,
+    ]
+    path = tmp_path / f"{run.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def batches(run: Path) -> list[str]:
+    return (run / "batches.rank0.txt").read_text().splitlines()
+
+
+def test_sigkill_mid_epoch_then_resume_trains_the_same_batches_to_the_same_weights(data, tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    lightning_tfm("fit", "--config", lm_config(tmp_path, straight, data))
+    kill = {"class_path": "probes.SigkillAtStep", "init_args": {"step": 17}}
+    proc = lightning_tfm("fit", "--config", lm_config(tmp_path, crashed, data, kill), ok=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(crashed / "checkpoints/last.ckpt")["global_step"] == 15   # epoch 1, batch 5 of 10
+    before_crash = batches(crashed)
+    assert len(before_crash) == 17
+
+    lightning_tfm("fit", "--config", lm_config(tmp_path, crashed, data), "--ckpt_path", "last")
+    after_resume = batches(crashed)[17:]
+    assert [line.split()[0] for line in after_resume] == ["15", "16", "17", "18", "19"]
+    assert before_crash[15:] == after_resume[:2]                 # batches 15 and 16 are trained again, as they
+    assert before_crash[:15] + after_resume == batches(straight)  # were lost with the process
+    ours = load_checkpoint(crashed / "checkpoints/last.ckpt")
+    theirs = load_checkpoint(straight / "checkpoints/last.ckpt")
+    assert ours["global_step"] == theirs["global_step"] == 20
+    for name, tensor in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][name], tensor), name
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    run = tmp_path / "nan"
+    poison = {"class_path": "probes.PoisonWeightsAtStep", "init_args": {"step": 12}}
+    proc = lightning_tfm("fit", "--config", lm_config(tmp_path, run, data, poison), ok=False)
+    assert "FloatingPointError: the training loss is nan at step 12 (epoch 1, batch 2)" in last_line(proc)
+    good = load_checkpoint(run / "checkpoints/last.ckpt")
+    assert good["global_step"] == 10
+    assert all(torch.isfinite(t).all() for t in good["state_dict"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_resuming_from_a_damaged_checkpoint_is_a_clear_error(data, tmp_path, damage):
+    bad = tmp_path / "bad.ckpt"
+    if damage == "truncated":
+        torch.save({"state_dict": {"w": torch.ones(10_000)}}, bad)
+        bad.write_bytes(bad.read_bytes()[:2000])
+    else:
+        bad.write_text("weights: none\n")
+    proc = lightning_tfm("fit", "--config", lm_config(tmp_path, tmp_path / "run", data), "--ckpt_path", bad,
+                         ok=False)
+    assert last_line(proc) == f"ValueError: checkpoint {bad} is truncated or is not a torch checkpoint " \
+        "(not a zip archive)"
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_the_cli(tmp_path):
+    import os
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, evil)
+    proc = lightning_tfm("test", "--config", LM, "--trainer.default_root_dir", tmp_path, "--ckpt_path", evil,
+                         ok=False)
+    assert "refused, since loading it could run code" in last_line(proc)
+    assert not marker.exists()
