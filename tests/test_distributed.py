@@ -3,10 +3,11 @@
 
 Checked: (a) both ranks end with identical weights; (b) those weights match one process that accumulates the
 same two batches per step (DDP averages the two ranks' gradients, accumulation sums half of each: the same
-update; halving is exact in floating point, so here it is bitwise the same); (c) validation metrics (accuracy, F1, loss; BLEU) logged by the DDP run equal a
-one-process `validate` of the same checkpoint, so each example counted exactly once, with the repeated batch
-that evens out the ranks left out; (d) with an odd number of validation batches nothing hangs (each command has
-a timeout).
+update, and since halving is exact in floating point, bitwise the same); (c) validation metrics (accuracy,
+F1, loss; BLEU) logged by the DDP run equal a one-process `validate` of the same checkpoint, so each example
+counted exactly once, with the repeated batch that evens out the ranks left out; (d) with an odd number of
+validation batches nothing hangs (each command has a timeout); predictions come back once each, in order;
+one W&B run per job.
 """
 
 import math
@@ -66,8 +67,13 @@ def ddp_run(data, sst2_slices, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
     run = tmp / "ddp"
     config = tiny_config(SST2, tmp, run, sst2_args(data, sst2_slices), max_steps=10, val_check_interval=10)
-    lightning_tfm("fit", "--config", config, *DDP, timeout=300)
+    lightning_tfm("fit", "--config", config, *DDP, timeout=300, extra_env={"WANDB_MODE": "offline"})
     return run, config
+
+
+def test_ddp_writes_one_wandb_run_from_rank_0(ddp_run):
+    run, _ = ddp_run
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
 
 
 def validate_alone(config: Path, checkpoint: Path, out: Path) -> dict[str, float]:
@@ -163,4 +169,5 @@ def test_torchrun_two_nodes_on_loopback_train_together(data, sst2_slices, tmp_pa
     rank1 = torch.load(run / "weights.rank1.pt", weights_only=True)
     assert all(torch.equal(t, rank1[k]) for k, t in rank0.items())
     assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4
-    assert "GLOBAL_RANK: 1" in "".join(outputs) or math.isfinite(metrics(run)[-1]["val_acc"])
+    (row,) = [r for r in metrics(run) if "val_acc" in r]                # one validation, logged once
+    assert math.isfinite(row["val_loss"]) and 0 <= row["val_acc"] <= 1
