@@ -271,15 +271,17 @@ def _ours_lm_greedy(model: DecoderOnly, prompt: Tensor, new: int) -> Run:
     @torch.no_grad()
     def run() -> int:
         cache = model.new_cache(prompt.shape[1] + new)
-        out = greedy_search(lambda tokens: _no_eos(model(tokens, cache=cache)[:, -1].float()), prompt, EOS, new)
+        def step(tokens: Tensor) -> Tensor:             # the last position only, as generate does
+            return _no_eos(model.output(model.hidden(tokens, cache=cache)[:, -1]).float())
+        out = greedy_search(step, prompt, EOS, new)
         return _generated(out.shape, prompt.shape[0], new)
     return run
 
 
-def _incremental(model: EncoderDecoder, src: Tensor, src_mask: Tensor):
+def _incremental(model: EncoderDecoder, src: Tensor, src_mask: Tensor, max_len: int = 0):
     """Step and reorder closures over one KV cache, as `TranslationModule._incremental` builds them."""
     state = {"memory": model.encode(src, src_mask), "src_mask": src_mask}
-    cache = model.new_cache()
+    cache = model.new_cache(max_len)
 
     def step(tokens: Tensor) -> Tensor:
         logits = model.decode(tokens, state["memory"], state["src_mask"], cache=cache)[:, -1]
@@ -299,7 +301,7 @@ def _ours_seq2seq(model: EncoderDecoder, src: Tensor, new: int, beam: int) -> Ru
     @torch.no_grad()
     def run() -> int:
         mask = torch.ones_like(src, dtype=torch.bool)
-        step, reorder = _incremental(model, src, mask)
+        step, reorder = _incremental(model, src, mask, new + 1)
         start = torch.full((src.shape[0],), BOS, device=src.device)
         if beam == 1:
             return _generated(greedy_search(step, start, EOS, new, PAD).shape, src.shape[0], new)

@@ -45,14 +45,15 @@ def make_mask(key_mask: Tensor | None, n_queries: int, n_keys: int, causal: bool
         causal: whether a query may not see later keys.
         bias: (H, T, S) additive logits (ALiBi), or None.
     """
+    device = key_mask.device if key_mask is not None else None
+    if key_mask is not None and bool(key_mask[:, :n_keys].all()):
+        key_mask = None       # nothing padded: no mask, so SDPA may take its causal (flash) kernels
     if causal and key_mask is None and bias is None and n_queries == n_keys and n_queries > 1:
         return AttentionMask(is_causal=True)
     allowed = None
     if causal and n_queries > 1:
         # bottom-right aligned: with S - T cached positions, query i sees keys 0 .. S - T + i
-        allowed = torch.ones(n_queries, n_keys, dtype=torch.bool,
-                             device=key_mask.device if key_mask is not None else None
-                             ).tril(n_keys - n_queries)                              # (T, S)
+        allowed = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(n_keys - n_queries)  # (T, S)
         if bias is not None:
             allowed = allowed.to(bias.device)
     if key_mask is not None:
