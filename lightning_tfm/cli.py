@@ -4,6 +4,7 @@
     lightning_tfm test --config configs/lm/shakespeare_char_small.yaml --ckpt_path best
     lightning_tfm predict --config ... --ckpt_path best --data.predict_path prompts.txt --predictions.path out.txt
     lightning_tfm average runs/NAME/checkpoints/step-*.ckpt --last 5 --output runs/NAME/checkpoints/averaged.ckpt
+    lightning_tfm export runs/NAME/checkpoints/best.ckpt --output exported/NAME
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import lightning_tfm.blocks  # noqa: F401  (so --help lists the blocks as known 
 import lightning_tfm.models.presets  # noqa: F401
 from lightning_tfm.callbacks import PredictionWriter
 from lightning_tfm.checkpoints import AtomicCheckpointIO, average_checkpoints, load_checkpoint
+from lightning_tfm.finetune import read_source
+from lightning_tfm.finetune.export import export_checkpoint
 
 DESCRIPTION = """Train, evaluate and use Transformers from YAML.
 
@@ -41,6 +44,8 @@ blocks (by class_path inside a model):  attention MultiHeadAttention; feedforwar
                            SinusoidalPositions, LearnedPositions, RotaryPositions, ALiBiPositions
 
 Average checkpoints (paper §6.1):  lightning_tfm average CKPT [CKPT ...] [--last N] --output FILE
+Export for prediction anywhere:     lightning_tfm export CKPT --output DIR   (then predict --config DIR/config.yaml)
+Fine-tune:  model.init_args.init_from (a checkpoint, an export or a Hugging Face folder), model.init_args.finetune
 
 Show every option of a class:  lightning_tfm fit --model.help lightning_tfm.tasks.TranslationModule
 Show a whole resolved config:  lightning_tfm fit --config FILE --print_config
@@ -68,6 +73,7 @@ class TransformerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.n_classes", "model.init_args.n_classes", apply_on="instantiate")
+        parser.link_arguments("data.multi_label", "model.init_args.multi_label", apply_on="instantiate")
         parser.add_class_arguments(PredictionWriter, "predictions")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -90,7 +96,15 @@ class TransformerCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self._checkpoint is not None and self.subcommand != "fit":     # evaluate with the checkpoint's tokenizer
             _use_checkpoint_tokenizer(config, Path(config["ckpt_path"]), self._checkpoint.get("tokenizer"))
+        elif (config["model"].get("init_args") or {}).get("init_from"):  # fine-tune with the source's tokenizer
+            source = read_source(config["model"]["init_args"]["init_from"])
+            _use_checkpoint_tokenizer(config, source.path, source.tokenizer)
         self._checkpoint = None
+
+    def before_fit(self) -> None:
+        # the resolved data settings go into every checkpoint, so `lightning_tfm export` can write a complete
+        # config for prediction without the training run
+        self.model.data_config = self.config[self.subcommand]["data"].as_dict()
 
     def before_predict(self) -> None:
         config = self.config[self.subcommand]
@@ -107,8 +121,8 @@ def _use_checkpoint_tokenizer(config: Any, ckpt_path: Path, stored: str | None) 
     given = data_args["tokenizer_path"]
     if given is not None:       # a missing file is left to the datamodule, which names the key
         if Path(given).is_file() and Tokenizer.from_file(str(given)).to_str() != stored:
-            raise ValueError(f"data.tokenizer_path={given} is not the tokenizer stored in the checkpoint "
-                             f"{ckpt_path}; leave data.tokenizer_path unset to use the checkpoint's own")
+            raise ValueError(f"data.tokenizer_path={given} is not the tokenizer stored with "
+                             f"{ckpt_path}; leave data.tokenizer_path unset to use that one")
         return
     digest = hashlib.sha256(stored.encode("utf-8")).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / f"lightning_tfm-tokenizer-{digest}.json"
@@ -139,10 +153,26 @@ def average(args: list[str]) -> None:
     print(f"averaged {len(paths)} checkpoints into {options.output}: {', '.join(averaged['averaged_from'])}")
 
 
+def export(args: list[str]) -> None:
+    """`lightning_tfm export`: write a folder (weights, tokenizer, config) that predicts without the training run."""
+    parser = argparse.ArgumentParser(prog="lightning_tfm export", description=export.__doc__.split(": ")[1])
+    parser.add_argument("checkpoint", help="a checkpoint of a lightning_tfm run (LoRA adapters are merged)")
+    parser.add_argument("--output", required=True, help="the folder to write (created; its files are replaced)")
+    options = parser.parse_args(args)
+    try:
+        config = export_checkpoint(options.checkpoint, options.output)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"lightning_tfm export: {e}")
+    print(f"exported {options.checkpoint} to {config.parent}\n"
+          f"  lightning_tfm predict --config {config} --data.predict_path FILE")
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["average"]:
         return average(argv[1:])
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     torch.set_float32_matmul_precision("high")
     # W&B without an account or network: offline runs on disk (`wandb sync` uploads them); WANDB_MODE=online
     # logs live, WANDB_MODE=disabled turns it off

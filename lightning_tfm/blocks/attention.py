@@ -179,12 +179,11 @@ class MultiHeadAttention(Attention):
             if cache is not None:
                 k, v = cache.append(k, v)                                     # (B, Hkv, L + T, D)
         else:
-            q = self._heads(F.linear(x, self.qkv.weight[: self.q_width], _rows(self.qkv.bias, 0, self.q_width)),
-                            B, T, self.n_heads)
+            q = self._heads(project_rows(self.qkv, x, 0, self.q_width), B, T, self.n_heads)
             if cache is not None and cache.filled:
                 k, v = cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]
             else:
-                kv = F.linear(context, self.qkv.weight[self.q_width:], _rows(self.qkv.bias, self.q_width, None))
+                kv = project_rows(self.qkv, context, self.q_width, None)
                 k, v = self._heads(kv, B, context.shape[1], 2 * self.n_kv_heads).chunk(2, dim=1)
                 if cache is not None:
                     k, v = cache.append(k, v)
@@ -199,5 +198,10 @@ class MultiHeadAttention(Attention):
         return x.view(B, T, n, self.head_dim).transpose(1, 2)                    # (B, T, n D) -> (B, n, T, D)
 
 
-def _rows(bias: Tensor | None, start: int, end: int | None) -> Tensor | None:
-    return None if bias is None else bias[start:end]
+def project_rows(layer: nn.Linear, x: Tensor, start: int, end: int | None) -> Tensor:
+    """Output features start:end of a linear layer, without computing the others. A layer that adapts its
+    weight (`LoRALinear`) provides `rows` itself."""
+    rows = getattr(layer, "rows", None)
+    if rows is not None:
+        return rows(x, start, end)
+    return F.linear(x, layer.weight[start:end], None if layer.bias is None else layer.bias[start:end])

@@ -168,6 +168,29 @@ def _load(model: nn.Module, state: dict[str, Tensor], model_type: str) -> None:
         raise ValueError(f"{model_type} -> {type(model).__name__}: {e}") from e
 
 
+def _build(cls: type[nn.Module], vocab_size: int, **kwargs: Any) -> nn.Module:
+    """`cls(vocab_size, **kwargs)`, remembering its arguments as a `class_path` config in `model.architecture`,
+    so a model fine-tuned from a converted one is rebuilt from its own checkpoint or export, without the
+    Hugging Face directory."""
+    model = cls(vocab_size, **kwargs)
+    model.architecture = {"class_path": _class_path(cls),
+                          "init_args": {name: _as_config(value) for name, value in kwargs.items()}}
+    return model
+
+
+def _as_config(value: Any) -> Any:
+    """A block factory (a class, or a `partial` of one) as the class_path dict jsonargparse reads back."""
+    if isinstance(value, partial):
+        return {"class_path": _class_path(value.func), "init_args": dict(value.keywords)}
+    if isinstance(value, type):
+        return {"class_path": _class_path(value)}
+    return value
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _require(config: dict[str, Any], model_type: str, **wanted: Any) -> None:
     """Reject config values our blocks cannot compute, naming the key."""
     for key, want in wanted.items():
@@ -212,8 +235,8 @@ def _gpt2(c: dict[str, Any], w: _Weights) -> tuple[DecoderOnly, dict[str, Tensor
     tokens = w("wte.weight")
     output = w.first("lm_head.weight", "wte.weight")    # GPT2Model and save_pretrained have no lm_head
     tied = torch.equal(output, tokens)
-    model = DecoderOnly(
-        c["vocab_size"], d_model=c["n_embd"], n_layers=c["n_layer"], n_heads=c["n_head"],
+    model = _build(
+        DecoderOnly, c["vocab_size"], d_model=c["n_embd"], n_layers=c["n_layer"], n_heads=c["n_head"],
         d_ff=c["n_inner"] or 4 * c["n_embd"], dropout=c["resid_pdrop"],
         attention=partial(MultiHeadAttention, dropout=c["attn_pdrop"]),
         feedforward=_feedforward(c, "activation_function"), norm=partial(LayerNorm, eps=c["layer_norm_epsilon"]),
@@ -234,8 +257,8 @@ _BERT_LAYER = {"attention.output.dense": "attention.out", "attention.output.Laye
 
 def _bert(c: dict[str, Any], w: _Weights) -> tuple[EncoderOnly, dict[str, Tensor]]:
     _require(c, "bert", is_decoder=False, add_cross_attention=False, position_embedding_type="absolute")
-    model = EncoderOnly(
-        c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+    model = _build(
+        EncoderOnly, c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"], d_ff=c["intermediate_size"], dropout=c["hidden_dropout_prob"],
         attention=partial(MultiHeadAttention, dropout=c["attention_probs_dropout_prob"]),
         feedforward=_feedforward(c, "hidden_act"), norm=partial(LayerNorm, eps=c["layer_norm_eps"]),
@@ -277,8 +300,9 @@ def _marian(c: dict[str, Any], w: _Weights) -> tuple[EncoderDecoder, dict[str, T
     shared = src.shape == tgt.shape and torch.equal(src, tgt)
     tied = torch.equal(output, tgt)
     attention = partial(MultiHeadAttention, dropout=c["attention_dropout"])
-    model = EncoderDecoder(
-        c["vocab_size"], d_model=c["d_model"], n_layers=c["encoder_layers"], n_heads=c["encoder_attention_heads"],
+    model = _build(
+        EncoderDecoder, c["vocab_size"], d_model=c["d_model"], n_layers=c["encoder_layers"],
+        n_heads=c["encoder_attention_heads"],
         d_ff=c["encoder_ffn_dim"], dropout=c["dropout"], attention=attention, cross_attention=attention,
         feedforward=_feedforward(c, "activation_function", c["activation_dropout"]),
         norm=partial(LayerNorm, eps=1e-5),   # Marian's nn.LayerNorm default; the config has no eps key

@@ -13,9 +13,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+
+from lightning_tfm.finetune import FineTuning, PretrainedSource, load_pretrained, read_source
 
 OptimizerFactory = Callable[[Iterable], Optimizer]
 ScheduleFactory = Callable[[Optimizer], LRScheduler]
@@ -24,22 +26,66 @@ ScheduleFactory = Callable[[Optimizer], LRScheduler]
 class TaskModule(L.LightningModule):
     """Base of the tasks.
 
+    A task builds its backbone with `build_backbone` and, once its head exists, calls `load_pretrained`.
+
     Args:
         optimizer: factory params -> optimizer; None gives the task's default.
         lr_schedule: factory optimizer -> LR scheduler, stepped every optimizer step; None for a constant lr.
+        init_from: a pretrained source (checkpoint, export or Hugging Face folder) to start from; None for none.
+        finetune: freezing, backbone learning rate or LoRA, applied after the pretrained weights load.
     """
 
-    def __init__(self, optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None) -> None:
+    def __init__(self, optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None,
+                 init_from: str | None = None, finetune: FineTuning | None = None) -> None:
         super().__init__()
         self.optimizer_factory, self.schedule_factory = optimizer, lr_schedule
+        self.init_from, self.finetune = init_from, finetune
         self.tokenizer: Tokenizer | None = None
+        self.pretrained_from: str | None = None     # provenance, written into every checkpoint
+        self.data_config: dict[str, Any] | None = None  # the run's data settings (the CLI sets them) for export
+        self._source: PretrainedSource | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+
+    def build_backbone(self, model: Callable[[int], nn.Module] | None, vocab_size: int | None) -> nn.Module:
+        """The task's `model`, from its factory or, when that is None, with the architecture of `init_from`.
+        The architecture taken from a source goes into the hyperparameters, so this run's checkpoints rebuild
+        it without the source."""
+        name = type(self).__name__
+        if vocab_size is None:
+            raise ValueError(f"{name}: vocab_size is not set (the CLI links it from data.vocab_size)")
+        self._source = read_source(self.init_from) if self.init_from else None
+        if model is not None:
+            return model(vocab_size)
+        if self._source is None:
+            raise ValueError(f"{name}: give `model` (an architecture) or `init_from` (a pretrained source)")
+        if vocab_size > (self._source.vocab_size or vocab_size):
+            raise ValueError(f"{name}: the data's tokenizer has {vocab_size} tokens but init_from "
+                             f"{self._source.path} has {self._source.vocab_size}; fine-tune with the source's "
+                             "tokenizer (leave data.tokenizer_path unset and the CLI uses it)")
+        self.hparams["model"] = self._source.architecture
+        return self._source.build(self._source.vocab_size or vocab_size)
+
+    def load_pretrained(self) -> None:
+        """Load `init_from` into the task (backbone exactly, head where it fits; the report is printed), take
+        its tokenizer, then apply the fine-tuning controls."""
+        source, self._source = self._source, None
+        if source is not None:
+            report = load_pretrained(self, source)
+            rank_zero_info(report.summary(source))
+            if source.tokenizer is not None:
+                self.tokenizer = Tokenizer.from_str(source.tokenizer)
+            self.pretrained_from = str(source.path)
+            self.hparams["init_from"] = None          # its weights are in this run's checkpoints from now on
+        if self.finetune is not None:
+            self.finetune.apply(self.model)
 
     def default_optimizer(self, params: Iterable) -> Optimizer:
         raise NotImplementedError(f"{type(self).__name__} must define its default optimizer")
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
+        if self.finetune is not None:
+            params = self.finetune.param_groups(self.model, params)
         optimizer = (self.optimizer_factory or self.default_optimizer)(params)
         if self.schedule_factory is None:
             return optimizer
@@ -51,6 +97,9 @@ class TaskModule(L.LightningModule):
         fit the model."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
+            if self.pretrained_from and self.tokenizer and self.tokenizer.to_str() != datamodule.tokenizer.to_str():
+                raise ValueError(f"the data's tokenizer is not the one stored with init_from {self.pretrained_from}; "
+                                 "leave data.tokenizer_path unset so the CLI uses the source's tokenizer")
             self.tokenizer = datamodule.tokenizer
             self.check_data(datamodule)
         if self.tokenizer is None:
@@ -105,11 +154,17 @@ class TaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_state"] = _rng_state()
+        if self.pretrained_from is not None:
+            checkpoint["pretrained_from"] = self.pretrained_from
+        if self.data_config is not None:
+            checkpoint["data_config"] = self.data_config
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
+        self.data_config = checkpoint.get("data_config", self.data_config)
+        self.pretrained_from = checkpoint.get("pretrained_from", self.pretrained_from)
         stored = checkpoint.get("tokenizer")
         if stored is None:
             return

@@ -13,6 +13,7 @@ from torch.optim import AdamW, Optimizer
 from torchmetrics import MeanMetric
 
 from lightning_tfm.decoding import greedy_search, sample
+from lightning_tfm.finetune import FineTuning
 from lightning_tfm.models.decoder_only import DecoderOnly
 from lightning_tfm.tasks.base import OptimizerFactory, ScheduleFactory, TaskModule
 
@@ -21,25 +22,33 @@ class LanguageModelModule(TaskModule):
     """Train a `DecoderOnly` model to predict the next token; generate continuations of prompts.
 
     Args:
-        model: factory vocab_size -> the decoder (a model class or preset with its other arguments set).
+        model: factory vocab_size -> the decoder (a model class or preset with its other arguments set);
+            None takes the architecture of `init_from`.
         vocab_size: size of the tokenizer's vocabulary (linked from the data by the CLI).
         max_new_tokens: tokens generated per prompt by `predict`.
         temperature: sampling temperature; 0 is greedy search.
         top_k: sample among the k most probable tokens only; None for all.
         top_p: sample from the smallest set of tokens whose probability reaches p (nucleus); None for all.
+        init_from: pretrained weights to start from: a lightning_tfm checkpoint, a folder written by
+            `lightning_tfm export`, or a Hugging Face folder (save_pretrained). The backbone must match it (leave
+            `model` unset to take its architecture); the tokenizer comes with it. See README "Fine-tuning".
+        finetune: freezing, a separate backbone learning rate, or LoRA adapters; None trains everything.
         optimizer: factory params -> optimizer; None is AdamW(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1).
         lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `WarmupCosineSchedule`.
     """
 
-    def __init__(self, model: Callable[[int], DecoderOnly], vocab_size: int, max_new_tokens: int = 200,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    def __init__(self, model: Callable[[int], DecoderOnly] | None = None, vocab_size: int | None = None,
+                 max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None,
+                 init_from: str | None = None, finetune: FineTuning | None = None,
                  optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None) -> None:
-        super().__init__(optimizer, lr_schedule)
+        super().__init__(optimizer, lr_schedule, init_from, finetune)
         if max_new_tokens < 1 or temperature < 0:
             raise ValueError(f"LanguageModelModule: max_new_tokens={max_new_tokens} must be >= 1 and "
                              f"temperature={temperature} >= 0")
         self.save_hyperparameters()
-        self.model = model(vocab_size)
+        self.model = self.build_backbone(model, vocab_size)
+        self.load_pretrained()
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.eos_id: int | None = None

@@ -14,6 +14,7 @@ from torch.optim import AdamW, Optimizer
 from torchmetrics import MeanMetric
 
 from lightning_tfm.data.masking import IGNORE_INDEX
+from lightning_tfm.finetune import FineTuning
 from lightning_tfm.models.encoder_only import EncoderOnly
 from lightning_tfm.models.heads import MaskedLMHead
 from lightning_tfm.tasks.base import OptimizerFactory, ScheduleFactory, TaskModule
@@ -45,21 +46,28 @@ class MaskedLanguageModelModule(TaskModule):
     "labels" (B, T). Logged: `train_loss`; `val_loss`, `val_ppl`, `val_acc` (and `test_*`) over the whole set.
 
     Args:
-        model: factory vocab_size -> the encoder (a model class or preset with its other arguments set).
+        model: factory vocab_size -> the encoder (a model class or preset with its other arguments set);
+            None takes the architecture of `init_from`.
         vocab_size: size of the tokenizer's vocabulary (linked from the data by the CLI).
+        init_from: pretrained weights to start from: a lightning_tfm checkpoint, a folder written by
+            `lightning_tfm export`, or a Hugging Face folder (save_pretrained). The backbone must match it (leave
+            `model` unset to take its architecture); the tokenizer comes with it. See README "Fine-tuning".
+        finetune: freezing, a separate backbone learning rate, or LoRA adapters; None trains everything.
         optimizer: factory params -> optimizer; None is AdamW(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01)
             (BERT, Appendix A.2).
         lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `WarmupCosineSchedule`; None for a
             constant lr.
     """
 
-    def __init__(self, model: Callable[[int], EncoderOnly], vocab_size: int,
+    def __init__(self, model: Callable[[int], EncoderOnly] | None = None, vocab_size: int | None = None,
+                 init_from: str | None = None, finetune: FineTuning | None = None,
                  optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None) -> None:
-        super().__init__(optimizer, lr_schedule)
+        super().__init__(optimizer, lr_schedule, init_from, finetune)
         self.save_hyperparameters()
-        self.model = model(vocab_size)
+        self.model = self.build_backbone(model, vocab_size)
         self.head = MaskedLMHead(self.model.d_model, self.model.vocab_size)
         self.head.output.tie_to(self.model.embedding.tokens)
+        self.load_pretrained()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc, self.test_acc = MeanMetric(), MeanMetric()
         self.mask_id: int | None = None

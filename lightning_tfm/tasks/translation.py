@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore
 
 from lightning_tfm.decoding import beam_search, greedy_search
+from lightning_tfm.finetune import FineTuning
 from lightning_tfm.models.encoder_decoder import EncoderDecoder
 from lightning_tfm.tasks.base import OptimizerFactory, ScheduleFactory, TaskModule
 
@@ -31,29 +32,37 @@ class TranslationModule(TaskModule):
     """Train an `EncoderDecoder` on sentence pairs, evaluate with corpus BLEU, translate with beam search.
 
     Args:
-        model: factory vocab_size -> the encoder-decoder (a model class or preset with its other arguments set).
+        model: factory vocab_size -> the encoder-decoder (a model class or preset with its other arguments set);
+            None takes the architecture of `init_from`.
         vocab_size: size of the tokenizer's vocabulary (linked from the data by the CLI).
         label_smoothing: epsilon of label smoothing (paper: 0.1).
         beam_size: beam for test and predict (paper: 4); 1 is greedy search.
         val_beam_size: beam for validation BLEU; 1 (greedy) keeps validation fast.
         length_penalty: alpha of the GNMT penalty ((5 + |Y|) / 6)^alpha (paper: 0.6).
         max_extra_len: outputs may be this many tokens longer than their input (paper: 50).
+        init_from: pretrained weights to start from: a lightning_tfm checkpoint, a folder written by
+            `lightning_tfm export`, or a Hugging Face folder (save_pretrained). The backbone must match it (leave
+            `model` unset to take its architecture); the tokenizer comes with it. See README "Fine-tuning".
+        finetune: freezing, a separate backbone learning rate, or LoRA adapters; None trains everything.
         optimizer: factory params -> optimizer; None is the paper's Adam(lr=1, betas=(0.9, 0.98), eps=1e-9),
             whose lr of 1 lets `InverseSqrtSchedule` set the paper's values.
         lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `InverseSqrtSchedule`.
     """
 
-    def __init__(self, model: Callable[[int], EncoderDecoder], vocab_size: int, label_smoothing: float = 0.1,
-                 beam_size: int = 4, val_beam_size: int = 1, length_penalty: float = 0.6, max_extra_len: int = 50,
+    def __init__(self, model: Callable[[int], EncoderDecoder] | None = None, vocab_size: int | None = None,
+                 label_smoothing: float = 0.1, beam_size: int = 4, val_beam_size: int = 1,
+                 length_penalty: float = 0.6, max_extra_len: int = 50,
+                 init_from: str | None = None, finetune: FineTuning | None = None,
                  optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None) -> None:
-        super().__init__(optimizer, lr_schedule)
+        super().__init__(optimizer, lr_schedule, init_from, finetune)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"TranslationModule: label_smoothing={label_smoothing}, must be in [0, 1)")
         if beam_size < 1 or val_beam_size < 1:
             raise ValueError(f"TranslationModule: beam_size={beam_size} and val_beam_size={val_beam_size} "
                              "must be >= 1")
         self.save_hyperparameters()
-        self.model = model(vocab_size)
+        self.model = self.build_backbone(model, vocab_size)
+        self.load_pretrained()
         self.label_smoothing, self.length_penalty, self.max_extra_len = label_smoothing, length_penalty, max_extra_len
         self.beam_size, self.val_beam_size = beam_size, val_beam_size
         self.val_bleu, self.test_bleu = CorpusBLEU(tokenize="13a"), CorpusBLEU(tokenize="13a")

@@ -68,3 +68,16 @@ class PoisonWeightsAtStep(L.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(module.parameters()).fill_(float("nan"))
+
+
+class SaveFirstBatch(L.Callback):
+    """Save the first training batch's tensors to `<folder>/first_batch.pt`, to recompute its loss elsewhere."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)},
+                       self.folder / "first_batch.pt")

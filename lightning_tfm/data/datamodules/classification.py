@@ -82,6 +82,8 @@ class ClassificationDataModule(TextDataModule):
         text_pair_column: the column holding the second text of a pair, or None for single texts.
         label_column: the column holding the label.
         label_delimiter: splits a label cell into several labels (multi-label), e.g. ","; None for one label.
+        label_names: the label set in class order; None learns it from the training split (sorted). Set it to
+            predict without the training data (`lightning_tfm export` writes it).
         val_fraction: when val_path is None, hold out this random fraction of the training rows (drawn with
             seed) as validation; the tokenizer and label names see only the rest. Ignored when val_path is set.
         max_len: most tokens per input, special tokens included.
@@ -102,7 +104,8 @@ class ClassificationDataModule(TextDataModule):
     def __init__(self, train_path: str = "../shared/data/sst2/train.tsv",
                  val_path: str | None = "../shared/data/sst2/dev.tsv", test_path: str | None = None,
                  predict_path: str | None = None, text_column: str = "sentence", text_pair_column: str | None = None,
-                 label_column: str = "label", label_delimiter: str | None = None, val_fraction: float = 0.0,
+                 label_column: str = "label", label_delimiter: str | None = None,
+                 label_names: list[str] | None = None, val_fraction: float = 0.0,
                  max_len: int = 128,
                  truncate: bool = True, max_tokens: int | None = None, batch_size: int | None = 32,
                  tokenizer_path: str | None = None, tokenizer_dir: str = "runs/tokenizers/classification",
@@ -126,12 +129,14 @@ class ClassificationDataModule(TextDataModule):
         self.val_fraction, self.max_len, self.truncate = val_fraction, max_len, truncate
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self._rows: dict[str, list[Row]] = {}
-        self._label_names: list[str] | None = None
+        if label_names is not None and len(set(label_names)) != len(label_names):
+            raise ValueError(f"data.label_names={label_names} repeats a label")
+        self._label_names: list[str] | None = list(label_names) if label_names is not None else None
         self._label_index: dict[str, int] | None = None
 
     @property
     def label_names(self) -> list[str]:
-        """Sorted distinct labels of the training split; class i is label_names[i]."""
+        """`label_names` as given, or the sorted distinct labels of the training split; class i is label_names[i]."""
         if self._label_names is None:
             self._label_names = sorted({name for row in self._split_rows("train") for name in self._labels(row)})
         return self._label_names
@@ -248,8 +253,8 @@ class ClassificationDataModule(TextDataModule):
         index = self._label_index
         unknown = [name for name in self._labels(row) if name not in index]
         if unknown:
-            raise ValueError(f"{row.where}: label {unknown[0]!r} never occurs in the training split "
-                             f"({self.train_path}); known labels: {self.label_names}")
+            raise ValueError(f"{row.where}: label {unknown[0]!r} is not one of the known labels {self.label_names} "
+                             f"(data.label_names, or those of the training split {self.train_path})")
         found = sorted(index[name] for name in self._labels(row))
         return found if self.multi_label else found[0]
 

@@ -51,8 +51,8 @@ def test_sst2_batches(sst2, sst2_small):
 def test_unseen_validation_label_names_file_and_line(sst2, tmp_path):
     val = tmp_path / "dev.tsv"
     val.write_text("sentence\tlabel\ngood \t1\nfine \tmaybe\n")
-    with pytest.raises(ValueError, match=r"dev\.tsv:3: label 'maybe' never occurs in the training split "
-                                         r"\(.*train\.tsv\); known labels: \['0', '1'\]"):
+    with pytest.raises(ValueError, match=r"dev\.tsv:3: label 'maybe' is not one of the known labels \['0', '1'\] "
+                                         r"\(data\.label_names, or those of the training split .*train\.tsv\)"):
         make(sst2.train_path, sst2.tokenizer_dir, val_path=str(val)).setup("validate")
 
 
