@@ -28,7 +28,7 @@ import lightning_tfm.blocks  # noqa: F401  (so --help lists the blocks as known 
 import lightning_tfm.models.presets  # noqa: F401
 from lightning_tfm.callbacks import PredictionWriter
 from lightning_tfm.checkpoints import AtomicCheckpointIO, average_checkpoints, load_checkpoint
-from lightning_tfm.finetune import read_source
+from lightning_tfm.finetune import read_tokenizer
 from lightning_tfm.finetune.export import export_checkpoint
 
 DESCRIPTION = """Train, evaluate and use Transformers from YAML.
@@ -97,8 +97,8 @@ class TransformerCLI(LightningCLI):
         if self._checkpoint is not None and self.subcommand != "fit":     # evaluate with the checkpoint's tokenizer
             _use_checkpoint_tokenizer(config, Path(config["ckpt_path"]), self._checkpoint.get("tokenizer"))
         elif (config["model"].get("init_args") or {}).get("init_from"):  # fine-tune with the source's tokenizer
-            source = read_source(config["model"]["init_args"]["init_from"])
-            _use_checkpoint_tokenizer(config, source.path, source.tokenizer)
+            source = Path(config["model"]["init_args"]["init_from"])
+            _use_checkpoint_tokenizer(config, source, read_tokenizer(source))
         self._checkpoint = None
 
     def before_fit(self) -> None:

@@ -7,7 +7,7 @@ Nothing is unpickled: checkpoints load with `weights_only=True`, the rest are sa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +42,6 @@ class PretrainedSource:
     tokenizer: str | None = None
     label_names: list[str] | None = None
     task: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int | None:
@@ -72,6 +71,16 @@ def read_source(path: str | Path) -> PretrainedSource:
     if not path.exists():
         raise FileNotFoundError(f"init_from={path} does not exist")
     return _read_checkpoint(path)
+
+
+def read_tokenizer(path: str | Path) -> str | None:
+    """Only the tokenizer of a source (JSON), without converting or loading its weights where it is a file of
+    its own; None when the source has none. Raises as `read_source` for a path that is no source."""
+    path = Path(path)
+    if path.is_dir() and ((path / EXPORT_CONFIG).is_file() or (path / "config.json").is_file()):
+        file = path / EXPORT_TOKENIZER
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+    return read_source(path).tokenizer
 
 
 def architecture_factory(config: dict[str, Any]) -> Callable[[int], nn.Module]:
