@@ -248,8 +248,9 @@ def _ids(*shape: int, vocab: int, device: torch.device) -> Tensor:
 # --- the three workloads --------------------------------------------------------------------------------------
 
 def _trainer(forward: Callable[[], Tensor], labels: Tensor, model: nn.Module, n_tokens: int) -> Run:
-    """One optimizer step of cross-entropy; the loss is computed by the same code for ours and the peer."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    """One optimizer step of cross-entropy; the loss is computed by the same code for ours and the peer. Both
+    use fused AdamW: our tasks' default, and transformers' Trainer default (`adamw_torch_fused`, torch >= 2.8)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> int:
         logits = forward()

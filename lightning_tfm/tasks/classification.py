@@ -41,7 +41,7 @@ class ClassificationModule(TaskModule):
             `lightning_tfm export`, or a Hugging Face folder (save_pretrained). The backbone must match it (leave
             `model` unset to take its architecture); the tokenizer comes with it. See README "Fine-tuning".
         finetune: freezing, a separate backbone learning rate, or LoRA adapters; None trains everything.
-        optimizer: factory params -> optimizer; None is AdamW(lr=1e-4, weight_decay=0.01).
+        optimizer: factory params -> optimizer; None is AdamW(lr=1e-4, weight_decay=0.01, fused=True).
         lr_schedule: factory optimizer -> scheduler stepped every step; None for a constant lr.
     """
 
@@ -95,7 +95,7 @@ class ClassificationModule(TaskModule):
                 for i, p in zip(best.tolist(), probs)]
 
     def default_optimizer(self, params: Iterable) -> Optimizer:
-        return AdamW(params, lr=1e-4, weight_decay=0.01)
+        return AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
 
     def check_data(self, datamodule: Any) -> None:
         super().check_data(datamodule)

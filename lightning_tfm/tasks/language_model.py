@@ -33,7 +33,8 @@ class LanguageModelModule(TaskModule):
             `lightning_tfm export`, or a Hugging Face folder (save_pretrained). The backbone must match it (leave
             `model` unset to take its architecture); the tokenizer comes with it. See README "Fine-tuning".
         finetune: freezing, a separate backbone learning rate, or LoRA adapters; None trains everything.
-        optimizer: factory params -> optimizer; None is AdamW(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1).
+        optimizer: factory params -> optimizer; None is AdamW(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
+            fused=True).
         lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `WarmupCosineSchedule`.
     """
 
@@ -80,7 +81,7 @@ class LanguageModelModule(TaskModule):
         return texts
 
     def default_optimizer(self, params: Iterable) -> Optimizer:
-        return AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+        return AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
 
     def check_data(self, datamodule: Any) -> None:
         super().check_data(datamodule)

@@ -53,7 +53,8 @@ class MaskedLanguageModelModule(TaskModule):
             `lightning_tfm export`, or a Hugging Face folder (save_pretrained). The backbone must match it (leave
             `model` unset to take its architecture); the tokenizer comes with it. See README "Fine-tuning".
         finetune: freezing, a separate backbone learning rate, or LoRA adapters; None trains everything.
-        optimizer: factory params -> optimizer; None is AdamW(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01)
+        optimizer: factory params -> optimizer; None is AdamW(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01,
+            fused=True)
             (BERT, Appendix A.2).
         lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `WarmupCosineSchedule`; None for a
             constant lr.
@@ -104,7 +105,7 @@ class MaskedLanguageModelModule(TaskModule):
                 for row, real in zip(filled, mask)]
 
     def default_optimizer(self, params: Iterable) -> Optimizer:
-        return AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01)
+        return AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, fused=True)
 
     def check_data(self, datamodule: Any) -> None:
         super().check_data(datamodule)

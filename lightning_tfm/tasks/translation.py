@@ -44,7 +44,7 @@ class TranslationModule(TaskModule):
             `lightning_tfm export`, or a Hugging Face folder (save_pretrained). The backbone must match it (leave
             `model` unset to take its architecture); the tokenizer comes with it. See README "Fine-tuning".
         finetune: freezing, a separate backbone learning rate, or LoRA adapters; None trains everything.
-        optimizer: factory params -> optimizer; None is the paper's Adam(lr=1, betas=(0.9, 0.98), eps=1e-9),
+        optimizer: factory params -> optimizer; None is the paper's Adam(lr=1, betas=(0.9, 0.98), eps=1e-9, fused=True),
             whose lr of 1 lets `InverseSqrtSchedule` set the paper's values.
         lr_schedule: factory optimizer -> scheduler stepped every step, e.g. `InverseSqrtSchedule`.
     """
@@ -96,7 +96,7 @@ class TranslationModule(TaskModule):
         return self.detokenize(self(batch["src"], batch["src_mask"]))
 
     def default_optimizer(self, params: Iterable) -> Optimizer:
-        return Adam(params, lr=1.0, betas=(0.9, 0.98), eps=1e-9)
+        return Adam(params, lr=1.0, betas=(0.9, 0.98), eps=1e-9, fused=True)
 
     def check_data(self, datamodule: Any) -> None:
         super().check_data(datamodule)
