@@ -10,6 +10,7 @@ from lightning_tfm.blocks.norms import LayerNorm, Norm, RMSNorm
 from lightning_tfm.blocks.positions import (
                                             ALiBiPositions,
                                             LearnedPositions,
+                                            NoPositions,
                                             Positions,
                                             RotaryPositions,
                                             SinusoidalPositions,
@@ -17,7 +18,7 @@ from lightning_tfm.blocks.positions import (
 
 __all__ = [
     "ALiBiPositions", "Attention", "AttentionMask", "DecoderCache", "DecoderLayer", "EncoderLayer", "FeedForward",
-    "GELUFeedForward", "KVCache", "LayerNorm", "LearnedPositions", "LoRALinear", "MultiHeadAttention", "Norm",
-    "OutputProjection", "Positions", "RMSNorm", "ReLUFeedForward", "RotaryPositions", "SiLUFeedForward",
-    "SinusoidalPositions", "SwiGLU", "TokenEmbedding", "make_mask",
+    "GELUFeedForward", "KVCache", "LayerNorm", "LearnedPositions", "LoRALinear", "MultiHeadAttention",
+    "NoPositions", "Norm", "OutputProjection", "Positions", "RMSNorm", "ReLUFeedForward", "RotaryPositions",
+    "SiLUFeedForward", "SinusoidalPositions", "SwiGLU", "TokenEmbedding", "make_mask",
 ]

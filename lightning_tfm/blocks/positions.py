@@ -44,6 +44,21 @@ class Positions(nn.Module):
         return None
 
 
+class NoPositions(Positions):
+    """No position information: the model sees its input as a bag of tokens.
+
+    Self-attention is permutation-equivariant, so without positions an encoder's pooled output depends only on
+    which tokens occur. Masked LM then learns which words occur together (CBOW with the whole text as the
+    window, Mikolov et al. 2013), that is topics, and learns them in a few hundred steps
+    (tests/test_pretraining_helps.py).
+
+    Args:
+        d_model: unused; part of the common factory signature.
+        n_heads: unused; part of the common factory signature.
+        max_len: longest sequence the model accepts.
+    """
+
+
 class SinusoidalPositions(Positions):
     """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(...) (paper §3.5).
 

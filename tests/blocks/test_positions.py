@@ -82,3 +82,17 @@ def test_learned_positions_start_at_the_token_embeddings_scale():
     # only unigram statistics
     std = LearnedPositions(128, max_len=1024).table.weight.std().item()
     assert 0.015 < std < 0.025
+
+
+def test_without_positions_an_encoder_is_permutation_equivariant():
+    """NoPositions: permuting the tokens permutes the hidden states, so pooled features see a bag of tokens."""
+    from lightning_tfm.blocks import NoPositions
+    from lightning_tfm.models import EncoderOnly
+
+    torch.manual_seed(0)
+    encoder = EncoderOnly(50, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, n_segments=0,
+                          positions=NoPositions).eval()
+    ids, order = torch.randint(5, 50, (2, 9)), torch.randperm(9)
+    torch.testing.assert_close(encoder(ids[:, order]), encoder(ids)[:, order], atol=1e-5, rtol=0)
+    learned = EncoderOnly(50, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, n_segments=0).eval()
+    assert not torch.allclose(learned(ids[:, order]), learned(ids)[:, order], atol=1e-3)

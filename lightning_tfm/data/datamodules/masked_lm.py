@@ -8,6 +8,7 @@ every epoch, validation and test see the same masks every time, so their loss is
 
 from __future__ import annotations
 
+import collections
 import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -154,6 +155,9 @@ class MaskedLMDataModule(TextDataModule):
         mask_prob: chance that an ordinary token is chosen (BERT: 0.15).
         replace_prob: chance that a chosen token becomes the mask token (BERT: 0.8).
         random_prob: chance that a chosen token becomes a random ordinary token (BERT: 0.1); the rest are kept.
+        never_mask_most_frequent: the training split's k most frequent tokens are never chosen nor drawn as
+            random replacements, like word2vec's subsampling of frequent words: the loss then teaches content
+            words and topics instead of "the" and commas. 0 (BERT) treats every ordinary token alike.
         tokenizer_path: an existing tokenizer.json; None trains one on the training texts.
         tokenizer_dir: where the trained tokenizer is saved and reused.
         tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
@@ -171,7 +175,8 @@ class MaskedLMDataModule(TextDataModule):
                  predict_path: str | None = None, text_column: str = "sentence", val_fraction: float = 0.0,
                  max_len: int = 128, max_tokens: int | None = None, batch_size: int | None = 32,
                  mask_prob: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1,
-                 tokenizer_path: str | None = None, tokenizer_dir: str = "runs/tokenizers/masked_lm",
+                 never_mask_most_frequent: int = 0, tokenizer_path: str | None = None,
+                 tokenizer_dir: str = "runs/tokenizers/masked_lm",
                  tokenizer_kind: TokenizerKind = "bpe", tokenizer_vocab_size: int = 8000,
                  special_tokens: SpecialTokens = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>",
                                                                mask="<mask>"),
@@ -187,17 +192,30 @@ class MaskedLMDataModule(TextDataModule):
         if replace_prob < 0 or random_prob < 0 or replace_prob + random_prob > 1.0:
             raise ValueError(f"data.replace_prob={replace_prob} and data.random_prob={random_prob} must be >= 0 "
                              "with a sum <= 1")
+        if never_mask_most_frequent < 0:
+            raise ValueError(f"data.never_mask_most_frequent={never_mask_most_frequent}, must be >= 0")
         check_batching(max_tokens, batch_size)
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.predict_path, self.text_column, self.val_fraction = predict_path, text_column, val_fraction
         self.max_len, self.max_tokens, self.batch_size = max_len, max_tokens, batch_size
         self.mask_prob, self.replace_prob, self.random_prob = mask_prob, replace_prob, random_prob
+        self.never_mask_most_frequent = never_mask_most_frequent
         self._rows: dict[str, list[Row]] = {}
 
     @property
     def mask_id(self) -> int:
         """Id of the mask token."""
         return self.special_ids.mask
+
+    def never_masked(self) -> list[int]:
+        """Ids that are never chosen: the special tokens and the `never_mask_most_frequent` most frequent tokens
+        of the training split (ties broken by id, so every process and every run picks the same ones)."""
+        specials = self.special_ids.all()
+        if not self.never_mask_most_frequent:
+            return specials
+        counts = collections.Counter(t for ids in self.dataset("train").ids for t in ids if t not in specials)
+        ranked = sorted(counts, key=lambda t: (-counts[t], t))
+        return specials + ranked[: self.never_mask_most_frequent]
 
     def training_files(self) -> list[str]:
         return [self.train_path]
@@ -298,8 +316,9 @@ class MaskedLMDataModule(TextDataModule):
         dataset = self.dataset(split)
         specials = self.special_ids
         collate = functools.partial(collate_masked_lm, pad_id=specials.pad, mask_id=specials.mask,
-                                    special_ids=specials.all(), vocab_size=self.vocab_size, mask_prob=self.mask_prob,
-                                    replace_prob=self.replace_prob, random_prob=self.random_prob)
+                                    special_ids=self.never_masked(), vocab_size=self.vocab_size,
+                                    mask_prob=self.mask_prob, replace_prob=self.replace_prob,
+                                    random_prob=self.random_prob)
         loader = self.bucketed_loader(dataset, [len(x) for x in dataset.ids], collate, self.max_tokens,
                                       self.batch_size, shuffle)
         # the same bucketed batches, each index paired with its batch's mask seed (see MaskSeedBatchSampler)

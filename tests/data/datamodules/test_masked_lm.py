@@ -239,3 +239,23 @@ def test_val_fraction_holds_out_the_rows_classification_holds_out(ag_news_small,
                                       text_column="text", tokenizer_dir=str(tmp_path), seed=5)
     lines = [r.line for r in ours._split_rows("val")]
     assert len(lines) == 200 and lines == [r.line for r in theirs._split_rows("val")]
+
+
+def test_the_most_frequent_tokens_are_never_masked_nor_drawn_as_replacements(sst2_small, tmp_path):
+    dm = make(sst2_small, tmp_path, never_mask_most_frequent=20, mask_prob=0.5)
+    dm.prepare_data()
+    dm.setup("fit")
+    specials = set(dm.special_ids.all())
+    counts = Counter(t for ids in dm.dataset("train").ids for t in ids if t not in specials)
+    frequent = {t for t, _ in counts.most_common(20)}
+    assert set(dm.never_masked()) == specials | frequent and len(dm.never_masked()) == len(specials) + 20
+    chosen, replaced = Counter(), Counter()
+    for batch in dm.train_dataloader():
+        labels, x = batch["labels"], batch["ids"]
+        chosen.update(labels[labels != IGNORE].tolist())
+        swapped = (labels != IGNORE) & (x != labels) & (x != dm.mask_id)
+        replaced.update(x[swapped].tolist())
+    assert not frequent & set(chosen) and not frequent & set(replaced)
+    assert sum(chosen.values()) > 5000 and len(replaced) > 100          # everything else is still masked
+    with pytest.raises(ValueError, match="never_mask_most_frequent=-1"):
+        make(sst2_small, tmp_path, never_mask_most_frequent=-1)
