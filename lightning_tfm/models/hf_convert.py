@@ -81,6 +81,19 @@ def from_huggingface(model_or_dir: nn.Module | str | os.PathLike) -> Converted:
     return model.eval()
 
 
+def classification_head(model_or_dir: nn.Module | str | os.PathLike) -> dict[str, Tensor]:
+    """The sequence-classification head of a BERT model (`BertForSequenceClassification`: the pooler's dense
+    layer, then the classifier) under `ClassificationHead`'s names, `pooler.*` and `classifier.*`, which with
+    `pooling="cls"` and `pooler=True` computes what BERT's head does (tested). Empty for other models and
+    for BERT models without that head; `from_huggingface` drops it from the backbone either way."""
+    model_type, _, state = _read(model_or_dir)
+    if model_type != "bert" or "classifier.weight" not in state:
+        return {}
+    weights = _Weights(state, model_type)
+    return {"pooler.weight": weights("pooler.dense.weight"), "pooler.bias": weights("pooler.dense.bias"),
+            "classifier.weight": weights("classifier.weight"), "classifier.bias": weights("classifier.bias")}
+
+
 def _read(model_or_dir: nn.Module | str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
     """(model type, config dict, HF state dict) from a model instance or a save_pretrained directory."""
     if isinstance(model_or_dir, (str, os.PathLike)):

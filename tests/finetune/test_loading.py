@@ -89,3 +89,35 @@ def test_a_decoder_keeps_its_lm_head(tmp_path, tokenizer):
     again = LanguageModelModule(vocab_size=60, init_from=str(path)).eval()
     ids = torch.randint(0, 60, (2, 9))
     torch.testing.assert_close(again(ids), lm.eval()(ids))
+
+
+@pytest.fixture
+def bert_classifier(tmp_path):
+    """A random-weight BertForSequenceClassification (3 labels) saved as save_pretrained writes it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    peer = transformers.BertForSequenceClassification(config).eval()
+    peer.save_pretrained(tmp_path / "bert")
+    return peer, tmp_path / "bert"
+
+
+def test_a_hugging_face_classifier_loads_whole_and_computes_its_logits(bert_classifier, caplog):
+    peer, path = bert_classifier
+    task = ClassificationModule(vocab_size=60, n_classes=3, pooling="cls", pooler=True, init_from=str(path)).eval()
+    assert "loaded" in caplog.text and ", 0 new, 0 dropped" in caplog.text
+    ids = torch.randint(5, 60, (3, 11))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 7:] = mask[2, 4:] = False
+    with torch.no_grad():
+        want = peer(ids, attention_mask=mask.long(), token_type_ids=torch.zeros_like(ids)).logits
+        torch.testing.assert_close(task(ids, mask), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hugging_face_head_that_does_not_fit_is_reported(bert_classifier, caplog):
+    _, path = bert_classifier
+    ClassificationModule(vocab_size=60, n_classes=2, pooling="cls", init_from=str(path))   # no pooler, 2 labels
+    assert "2 new, 2 dropped" in caplog.text
+    assert "new (initialised here): head.classifier.weight (shape (3, 32) in the source, (2, 32) here)" in caplog.text
+    assert "dropped (not used by this task): head.pooler.bias, head.pooler.weight" in caplog.text
