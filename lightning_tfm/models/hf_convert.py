@@ -21,6 +21,7 @@ from lightning_tfm.blocks.attention import MultiHeadAttention
 from lightning_tfm.blocks.feedforward import GELUFeedForward, ReLUFeedForward, SiLUFeedForward
 from lightning_tfm.blocks.norms import LayerNorm
 from lightning_tfm.blocks.positions import LearnedPositions, SinusoidalPositions
+from lightning_tfm.models.class_paths import as_config, class_path
 from lightning_tfm.models.decoder_only import DecoderOnly
 from lightning_tfm.models.encoder_decoder import EncoderDecoder
 from lightning_tfm.models.encoder_only import EncoderOnly
@@ -186,22 +187,9 @@ def _build(cls: type[nn.Module], vocab_size: int, **kwargs: Any) -> nn.Module:
     so a model fine-tuned from a converted one is rebuilt from its own checkpoint or export, without the
     Hugging Face directory."""
     model = cls(vocab_size, **kwargs)
-    model.architecture = {"class_path": _class_path(cls),
-                          "init_args": {name: _as_config(value) for name, value in kwargs.items()}}
+    model.architecture = {"class_path": class_path(cls),
+                          "init_args": {name: as_config(value) for name, value in kwargs.items()}}
     return model
-
-
-def _as_config(value: Any) -> Any:
-    """A block factory (a class, or a `partial` of one) as the class_path dict jsonargparse reads back."""
-    if isinstance(value, partial):
-        return {"class_path": _class_path(value.func), "init_args": dict(value.keywords)}
-    if isinstance(value, type):
-        return {"class_path": _class_path(value)}
-    return value
-
-
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _require(config: dict[str, Any], model_type: str, **wanted: Any) -> None:

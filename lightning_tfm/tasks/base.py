@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Iterable
+import types
+from typing import Any, Callable, Iterable, Sequence
 
 import lightning as L
 import torch
@@ -20,6 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_tfm.finetune import FineTuning, PretrainedSource, load_pretrained, read_source
+from lightning_tfm.models.class_paths import as_config, class_path, is_plain
 
 OptimizerFactory = Callable[[Iterable], Optimizer]
 ScheduleFactory = Callable[[Optimizer], LRScheduler]
@@ -48,6 +50,21 @@ class TaskModule(L.LightningModule):
         self.data_config: dict[str, Any] | None = None  # the run's data settings (the CLI sets them) for export
         self._source: PretrainedSource | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
+                             frame: types.FrameType | None = None, logger: bool = True) -> None:
+        """Lightning's, then factories given from Python (classes, `functools.partial`s of them) are stored as
+        the class_path configs the CLI stores. The checkpoint is then plain data: it loads with
+        `weights_only=True`, serves as `init_from`, and `load_from_checkpoint` rebuilds the task through
+        Lightning's CLI instantiator. Hyperparameters that stay Python objects (a lambda) are left as they are."""
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame or inspect.currentframe().f_back,
+                                     logger=logger)
+        if "_instantiator" in self.hparams:             # the CLI's run: already class_path configs
+            return
+        plain = {key: as_config(value) for key, value in self.hparams.items()}
+        if all(is_plain(value) for value in plain.values()):
+            self.hparams.update(plain, _class_path=class_path(type(self)),
+                                _instantiator="lightning.pytorch.cli.instantiate_module")
 
     def build_backbone(self, model: Callable[[int], nn.Module] | None, vocab_size: int | None) -> nn.Module:
         """The task's `model`, from its factory or, when that is None, with the architecture of `init_from`.
