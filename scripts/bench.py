@@ -44,7 +44,7 @@ from lightning_tfm.data.datamodules import ClassificationDataModule, LanguageMod
 from lightning_tfm.decoding import beam_search, greedy_search
 from lightning_tfm.models import DecoderOnly, EncoderDecoder, EncoderOnly
 from lightning_tfm.models.heads import ClassificationHead
-from lightning_tfm.models.hf_convert import classification_head, from_huggingface
+from lightning_tfm.models.hf_convert import from_huggingface
 
 Run = Callable[[], int]          # does one unit of work, returns how many items (tokens, sentences) it produced
 PAD, BOS, EOS = 0, 1, 2
@@ -224,8 +224,9 @@ def _bert_pair(s: Sizes) -> tuple[nn.Module, _Classifier]:
                                   max_position_embeddings=max(512, s.cls_seq), pad_token_id=PAD)
     peer = transformers.BertForSequenceClassification(cfg)
     head = ClassificationHead(s.d_model, 2, pooling="cls", dropout=cfg.hidden_dropout_prob, pooler=True)
-    head.load_state_dict(classification_head(peer))          # BERT's pooler and classifier; the backbone below
-    return peer, _Classifier(from_huggingface(peer), head)
+    encoder = from_huggingface(peer)
+    head.load_state_dict(encoder.classification_head)        # BERT's pooler and classifier
+    return peer, _Classifier(encoder, head)
 
 
 def _marian_pair(s: Sizes) -> tuple[nn.Module, EncoderDecoder]:

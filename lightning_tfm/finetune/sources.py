@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lightning_tfm.checkpoints import load_checkpoint
-from lightning_tfm.models.hf_convert import classification_head, from_huggingface
+from lightning_tfm.models.hf_convert import from_huggingface
 
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
 
@@ -145,7 +145,7 @@ def read_exported_weights(file: Path) -> tuple[dict[str, Tensor], dict[str, str]
 def _read_huggingface(path: Path) -> PretrainedSource:
     model = from_huggingface(path)
     weights = {f"model.{k}": v for k, v in model.state_dict().items()}
-    weights |= {f"head.{k}": v for k, v in classification_head(path).items()}   # loads where the task's head fits
+    weights |= {f"head.{k}": v for k, v in model.classification_head.items()}   # loads where the head fits
     tokenizer_file = path / "tokenizer.json"
     tokenizer = tokenizer_file.read_text(encoding="utf-8") if tokenizer_file.is_file() else None
     return PretrainedSource(path, "huggingface", model.architecture, weights, tokenizer)

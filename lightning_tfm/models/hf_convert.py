@@ -63,6 +63,11 @@ def from_huggingface(model_or_dir: nn.Module | str | os.PathLike) -> Converted:
     `BertForMaskedLM`, `BertForSequenceClassification`, ...) an `EncoderOnly` backbone, dropping the pooler and
     task heads (logged); Marian (`MarianModel`, `MarianMTModel`) a post-norm `EncoderDecoder`.
 
+    The model records what it was built from in `model.architecture` (a class_path config) and, for a
+    `BertForSequenceClassification`, its pooler and classifier in `model.classification_head` under
+    `ClassificationHead`'s names (`pooler.*`, `classifier.*`): with `pooling="cls"` and `pooler=True` that head
+    computes what BERT's does (tested). Otherwise `classification_head` is empty.
+
     Args:
         model_or_dir: a transformers model instance, or a directory holding `config.json` and
             `model.safetensors` (or a sharded `model.safetensors.index.json`), as `save_pretrained` writes it.
@@ -77,20 +82,17 @@ def from_huggingface(model_or_dir: nn.Module | str | os.PathLike) -> Converted:
     config = {**_DEFAULTS[model_type], **config}
     weights = _Weights(state, model_type)
     model, converted = _CONVERTERS[model_type](config, weights)
+    head = _classification_head(weights)
     weights.check_all_used()
     _load(model, converted, model_type)
+    model.classification_head = head
     return model.eval()
 
 
-def classification_head(model_or_dir: nn.Module | str | os.PathLike) -> dict[str, Tensor]:
-    """The sequence-classification head of a BERT model (`BertForSequenceClassification`: the pooler's dense
-    layer, then the classifier) under `ClassificationHead`'s names, `pooler.*` and `classifier.*`, which with
-    `pooling="cls"` and `pooler=True` computes what BERT's head does (tested). Empty for other models and
-    for BERT models without that head; `from_huggingface` drops it from the backbone either way."""
-    model_type, _, state = _read(model_or_dir)
-    if model_type != "bert" or "classifier.weight" not in state:
+def _classification_head(weights: _Weights) -> dict[str, Tensor]:
+    """BERT's sequence-classification head (pooler, classifier) under `ClassificationHead`'s names, or {}."""
+    if weights.model_type != "bert" or "classifier.weight" not in weights.state:
         return {}
-    weights = _Weights(state, model_type)
     return {"pooler.weight": weights("pooler.dense.weight"), "pooler.bias": weights("pooler.dense.bias"),
             "classifier.weight": weights("classifier.weight"), "classifier.bias": weights("classifier.bias")}
 
