@@ -34,6 +34,10 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    def residual_projections(self) -> list[nn.Linear]:
+        """The linear layer whose output is added to the residual stream (GPT-2 scales its init)."""
+        return [self.fc2]
+
     def activate(self, h: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define its activation")
 

@@ -1,17 +1,32 @@
-"""Key/value caches for incremental decoding: each generated token attends to the keys and values of all
-earlier ones without recomputing them."""
+"""Decoding state for incremental decoding: each generated token attends to what earlier steps left behind
+without recomputing it. Every attention block owns the state of its own layer (`Attention.new_state`): a
+growing key/value cache for full attention, the projected encoder output for cross-attention, and whatever a
+variant needs (a window of recent keys, a recurrent summary). The model counts positions, not the states."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 
-class KVCache:
-    """Keys and values of one attention block, (B, Hkv, L, D) each, in a buffer that grows by doubling.
+class DecodingState(Protocol):
+    """What every layer's decoding state offers: keep or repeat batch rows (beam reordering, expanding
+    sentences to beams, dropping finished rows)."""
 
-    Self-attention appends the new positions at every step. Cross-attention fills it once with the
-    projected encoder output and then only reads it (`filled`).
+    def select(self, index: Tensor) -> None: ...
+
+
+def select_rows(buffer: Tensor, index: Tensor, filled: int) -> Tensor:
+    """Rows `index` of a (B, Hkv, L, D) buffer, copying only its first `filled` positions."""
+    picked = buffer.new_empty(len(index), *buffer.shape[1:])
+    torch.index_select(buffer[:, :, :filled], 0, index, out=picked[:, :, :filled])
+    return picked
+
+
+class KVCache:
+    """Keys and values of one self-attention block, (B, Hkv, L, D) each, in a buffer that grows by doubling.
 
     Args:
         max_len: positions to preallocate on the first append (0: exactly what the first append brings).
@@ -22,10 +37,6 @@ class KVCache:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.length = 0
-
-    @property
-    def filled(self) -> bool:
-        return self.length > 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, Hkv, T, D) after the cached positions; return all keys and values (B, Hkv, L+T, D)."""
@@ -46,52 +57,82 @@ class KVCache:
         return bigger
 
     def select(self, index: Tensor) -> None:
-        """Keep batch rows `index` (beam reordering, expanding each sentence to its beams, dropping rows).
-
-        Copies only the filled positions, not the whole preallocated buffer."""
+        """Keep batch rows `index`; copies only the filled positions, not the whole preallocated buffer."""
         if self.k is not None:
-            self.k, self.v = self._rows(self.k, index), self._rows(self.v, index)
+            self.k, self.v = select_rows(self.k, index, self.length), select_rows(self.v, index, self.length)
 
-    def _rows(self, buffer: Tensor, index: Tensor) -> Tensor:
-        picked = buffer.new_empty(len(index), *buffer.shape[1:])
-        torch.index_select(buffer[:, :, : self.length], 0, index, out=picked[:, :, : self.length])
-        return picked
+
+class WindowCache:
+    """The keys and values of the last `window` positions only, for attention that never looks further back
+    (a sliding window, an adaptive span): memory stays O(window) however long the generation. The keys it
+    returns end at the newest position, so they start at position offset + T - S (what the attention computes).
+
+    Args:
+        window: positions to keep after each step (a step of T tokens briefly holds window + T).
+    """
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"WindowCache: window={window}, must be >= 1")
+        self.window = window
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add k, v (B, Hkv, T, D); return the kept and the new keys and values (B, Hkv, L + T, D)."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k[:, :, -self.window:], v[:, :, -self.window:]
+        return k, v
+
+    def select(self, index: Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class MemoryCache:
+    """The keys and values a cross-attention block projected from the encoder output, once per sentence."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def store(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    def select(self, index: Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class DecoderCache:
-    """The caches of a whole decoder stack: one self-attention cache per layer and, in an encoder-decoder,
-    one cross-attention cache per layer.
+    """The decoding states of a whole decoder stack, one per layer (and one per cross-attention block in an
+    encoder-decoder), plus the number of positions decoded so far, which the model advances.
 
     Args:
-        n_layers: decoder layers.
-        max_len: positions to preallocate for self-attention.
-        cross: whether the layers also attend to an encoder output.
+        self_attn: each layer's self-attention state.
+        cross_attn: each layer's cross-attention state, or None for a decoder-only model.
     """
 
-    def __init__(self, n_layers: int, max_len: int = 0, cross: bool = False) -> None:
-        self.self_attn = [KVCache(max_len) for _ in range(n_layers)]
-        self.cross_attn = [KVCache() for _ in range(n_layers)] if cross else None
+    def __init__(self, self_attn: list[DecodingState], cross_attn: list[DecodingState] | None = None) -> None:
+        self.self_attn, self.cross_attn = self_attn, cross_attn
+        self.length = 0
 
-    @property
-    def length(self) -> int:
-        """Positions decoded so far: the offset of the next token."""
-        return self.self_attn[0].length
+    def advance(self, n: int) -> None:
+        """Count n more decoded positions (the next token's offset)."""
+        self.length += n
 
     def reorder(self, index: Tensor) -> None:
         """Follow beam search's choice of parent hypotheses (B,) within each sentence.
 
-        Cross-attention caches are left alone: all beams of a sentence share the same encoder output.
+        Cross-attention states are left alone: all beams of a sentence share the same encoder output.
         """
-        for cache in self.self_attn:
-            cache.select(index)
+        for state in self.self_attn:
+            state.select(index)
 
     def select(self, index: Tensor) -> None:
         """Keep or repeat whole rows, self- and cross-attention alike (e.g. expand sentences to beams)."""
         self.reorder(index)
-        for cache in self.cross_attn or []:
-            cache.select(index)
+        for state in self.cross_attn or []:
+            state.select(index)
 
-
-def expand_index(batch_size: int, n: int, device: torch.device | None = None) -> Tensor:
-    """Row index that repeats each of batch_size rows n times: [0,0,..,1,1,..] (B * n,)."""
-    return torch.arange(batch_size, device=device).repeat_interleave(n)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_tfm.blocks.attention import Attention, AttentionMask
 from lightning_tfm.blocks.feedforward import FeedForward
-from lightning_tfm.blocks.kv_cache import KVCache
+from lightning_tfm.blocks.kv_cache import DecodingState
 from lightning_tfm.blocks.norms import Norm
 
 NormPlacement = Literal["pre", "post"]
@@ -41,28 +41,33 @@ class _Residual(nn.Module):
 class EncoderLayer(nn.Module):
     """Self-attention then feed-forward, each in a residual (paper §3.1, encoder).
 
-    With a causal mask this is also GPT's decoder block, which has no cross-attention.
+    With a causal mask this is also GPT's decoder block, which has no cross-attention. Without a feed-forward
+    block it is the all-attention layer (Sukhbaatar et al. 2019, "Augmenting Self-attention with Persistent
+    Memory"), whose attention carries the feed-forward's role through persistent memory vectors.
 
     Args:
         attention: the self-attention block.
-        feedforward: the position-wise feed-forward block.
+        feedforward: the position-wise feed-forward block; None for an all-attention layer.
         attention_norm: norm of the attention sub-layer.
-        feedforward_norm: norm of the feed-forward sub-layer.
+        feedforward_norm: norm of the feed-forward sub-layer (unused without a feed-forward block).
         dropout: residual dropout on each sub-layer output, in [0, 1).
         norm_placement: "post" (the paper, BERT) or "pre" (GPT-2).
     """
 
-    def __init__(self, attention: Attention, feedforward: FeedForward, attention_norm: Norm,
-                 feedforward_norm: Norm, dropout: float = 0.1, norm_placement: NormPlacement = "post") -> None:
+    def __init__(self, attention: Attention, feedforward: FeedForward | None, attention_norm: Norm,
+                 feedforward_norm: Norm | None, dropout: float = 0.1, norm_placement: NormPlacement = "post") -> None:
         super().__init__()
         self.attention, self.feedforward = attention, feedforward
         self.attention_residual = _Residual(attention_norm, dropout, norm_placement)
-        self.feedforward_residual = _Residual(feedforward_norm, dropout, norm_placement)
+        self.feedforward_residual = (_Residual(feedforward_norm, dropout, norm_placement)
+                                     if feedforward is not None else None)
 
-    def forward(self, x: Tensor, mask: AttentionMask | None = None, cache: KVCache | None = None,
+    def forward(self, x: Tensor, mask: AttentionMask | None = None, state: DecodingState | None = None,
                 rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(B, T, C) -> (B, T, C)."""
-        x = self.attention_residual(x, lambda h: self.attention(h, mask=mask, cache=cache, rotary=rotary))
+        x = self.attention_residual(x, lambda h: self.attention(h, mask=mask, state=state, rotary=rotary))
+        if self.feedforward_residual is None:
+            return x
         return self.feedforward_residual(x, self.feedforward)
 
 
@@ -72,38 +77,41 @@ class DecoderLayer(nn.Module):
     Args:
         self_attention: the (causal) self-attention block.
         cross_attention: attention from the decoder to the encoder output.
-        feedforward: the position-wise feed-forward block.
+        feedforward: the position-wise feed-forward block; None for all-attention layers.
         self_attention_norm: norm of the self-attention sub-layer.
         cross_attention_norm: norm of the cross-attention sub-layer.
-        feedforward_norm: norm of the feed-forward sub-layer.
+        feedforward_norm: norm of the feed-forward sub-layer (unused without a feed-forward block).
         dropout: residual dropout on each sub-layer output, in [0, 1).
         norm_placement: "post" (the paper) or "pre".
     """
 
-    def __init__(self, self_attention: Attention, cross_attention: Attention, feedforward: FeedForward,
-                 self_attention_norm: Norm, cross_attention_norm: Norm, feedforward_norm: Norm,
+    def __init__(self, self_attention: Attention, cross_attention: Attention, feedforward: FeedForward | None,
+                 self_attention_norm: Norm, cross_attention_norm: Norm, feedforward_norm: Norm | None,
                  dropout: float = 0.1, norm_placement: NormPlacement = "post") -> None:
         super().__init__()
         self.self_attention, self.cross_attention, self.feedforward = self_attention, cross_attention, feedforward
         self.self_attention_residual = _Residual(self_attention_norm, dropout, norm_placement)
         self.cross_attention_residual = _Residual(cross_attention_norm, dropout, norm_placement)
-        self.feedforward_residual = _Residual(feedforward_norm, dropout, norm_placement)
+        self.feedforward_residual = (_Residual(feedforward_norm, dropout, norm_placement)
+                                     if feedforward is not None else None)
 
     def forward(self, x: Tensor, memory: Tensor, self_mask: AttentionMask | None = None,
-                memory_mask: AttentionMask | None = None, self_cache: KVCache | None = None,
-                cross_cache: KVCache | None = None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                memory_mask: AttentionMask | None = None, self_state: DecodingState | None = None,
+                cross_state: DecodingState | None = None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Args:
             x: (B, T, C) target-side states.
             memory: (B, S, C) encoder output.
             self_mask: causal (and padding) mask of the target.
             memory_mask: padding mask of the source.
-            self_cache, cross_cache: caches for incremental decoding.
+            self_state, cross_state: the two attention blocks' decoding states.
             rotary: (cos, sin) of the target positions, for rotary position embeddings.
         Returns:
             (B, T, C).
         """
         x = self.self_attention_residual(
-            x, lambda h: self.self_attention(h, mask=self_mask, cache=self_cache, rotary=rotary))
+            x, lambda h: self.self_attention(h, mask=self_mask, state=self_state, rotary=rotary))
         x = self.cross_attention_residual(
-            x, lambda h: self.cross_attention(h, context=memory, mask=memory_mask, cache=cross_cache))
+            x, lambda h: self.cross_attention(h, context=memory, mask=memory_mask, state=cross_state))
+        if self.feedforward_residual is None:
+            return x
         return self.feedforward_residual(x, self.feedforward)

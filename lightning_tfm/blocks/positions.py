@@ -3,14 +3,16 @@ and ALiBi (Press et al. 2022).
 
 Absolute schemes add a (T, C) table to the token embeddings (`forward`). Relative schemes leave the
 embeddings alone and act inside self-attention: rotary rotates queries and keys (`rotary`), ALiBi adds a
-per-head distance penalty to the attention logits (`attention_bias`). A model asks its one `Positions`
-for all three and hands the results to its layers, so any scheme works with any attention block.
+per-head distance penalty to the attention logits (`position_bias`, a function of query and key positions, so
+a sparse attention evaluates it only on the pairs it computes). A model asks its one `Positions` for all three
+and hands the results to its layers; the class flags `rotates` and `biases` let it check, at construction,
+that its attention blocks support them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,9 @@ class Positions(nn.Module):
         n_heads: query heads of self-attention (used by the relative schemes).
         max_len: longest sequence the scheme is prepared for.
     """
+
+    rotates: ClassVar[bool] = False      # rotates queries and keys inside attention
+    biases: ClassVar[bool] = False       # adds a bias to the attention logits
 
     def __init__(self, d_model: int, n_heads: int, max_len: int = 4096) -> None:
         super().__init__()
@@ -39,8 +44,8 @@ class Positions(nn.Module):
         """(cos, sin), each (T, D), for positions offset..offset+T-1, or None if the scheme does not rotate."""
         return None
 
-    def attention_bias(self, n_queries: int, n_keys: int) -> Tensor | None:
-        """(H, T, S) additive logits for queries at the last T of S key positions, or None."""
+    def position_bias(self) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """A function (q_pos (T,), k_pos (S,)) -> (H, T, S) of logits added before the softmax, or None."""
         return None
 
 
@@ -145,6 +150,8 @@ class RotaryPositions(Positions):
         base: the wavelength base theta (10000 in RoFormer).
     """
 
+    rotates = True
+
     def __init__(self, d_model: int, n_heads: int, max_len: int = 4096, base: float = 10000.0) -> None:
         super().__init__(d_model, n_heads, max_len)
         if n_heads < 1 or d_model % n_heads or (d_model // n_heads) % 2:
@@ -193,12 +200,16 @@ class ALiBiPositions(Positions):
         max_len: unused bound; ALiBi has no table.
     """
 
+    biases = True
+
     def __init__(self, d_model: int, n_heads: int, max_len: int = 4096) -> None:
         super().__init__(d_model, n_heads, max_len)
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
-    def attention_bias(self, n_queries: int, n_keys: int) -> Tensor:
-        q_pos = torch.arange(n_keys - n_queries, n_keys, device=self.slopes.device)
-        k_pos = torch.arange(n_keys, device=self.slopes.device)
-        distance = (q_pos[:, None] - k_pos[None, :]).abs()                  # (T, S)
-        return -self.slopes[:, None, None] * distance                       # (H, T, S)
+    def position_bias(self) -> Callable[[Tensor, Tensor], Tensor]:
+        return self.bias
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """(T,) query and (S,) key positions -> (H, T, S) logits -slope_h * |i - j|."""
+        distance = (q_pos[:, None] - k_pos[None, :]).abs().to(self.slopes.device)    # (T, S)
+        return -self.slopes[:, None, None] * distance                                 # (H, T, S)

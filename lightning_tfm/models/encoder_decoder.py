@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_tfm.blocks.attention import MultiHeadAttention, make_mask
+from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention
 from lightning_tfm.blocks.embeddings import OutputProjection, TokenEmbedding
 from lightning_tfm.blocks.feedforward import ReLUFeedForward
 from lightning_tfm.blocks.kv_cache import DecoderCache
 from lightning_tfm.blocks.layers import NormPlacement
+from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.norms import LayerNorm
 from lightning_tfm.blocks.positions import SinusoidalPositions
+from lightning_tfm.models.attention_contract import check_attention, check_padding, decoding_states
 from lightning_tfm.models.stacks import (
     AttentionFactory,
     DecoderStack,
@@ -21,6 +23,7 @@ from lightning_tfm.models.stacks import (
     PositionsFactory,
     check_sizes,
     init_weights,
+    tile,
 )
 
 
@@ -35,9 +38,10 @@ class EncoderDecoder(nn.Module):
         n_heads: query heads per attention block (paper: h = 8).
         d_ff: inner width of the feed-forward blocks (paper: 2048).
         dropout: residual and embedding dropout, in [0, 1) (paper: 0.1).
-        attention: factory (d_model, n_heads) -> self-attention block (encoder and decoder).
-        cross_attention: factory (d_model, n_heads) -> decoder-to-encoder attention block.
-        feedforward: factory (d_model, d_ff) -> feed-forward block.
+        attention: factory (d_model, n_heads, place) -> self-attention block of every encoder layer (and of
+            every decoder layer unless `decoder_attention` is given).
+        cross_attention: factory (d_model, n_heads, place) -> decoder-to-encoder attention block.
+        feedforward: factory (d_model, d_ff) -> feed-forward block; None for all-attention layers.
         norm: factory (d_model,) -> normalization.
         positions: factory (d_model, n_heads) -> position scheme, one for each side.
         norm_placement: "post" (the paper) or "pre".
@@ -47,16 +51,22 @@ class EncoderDecoder(nn.Module):
         scale_embeddings: multiply embeddings by sqrt(d_model) (paper §3.4).
         output_bias: learn a per-token bias on the output logits (Marian).
         n_decoder_layers: decoder layers when they differ from n_layers; None means n_layers.
+        attention_pattern: encoder self-attention factories repeated over the layers; None uses `attention`.
+        decoder_attention: the decoder's causal self-attention; None uses `attention`.
+        decoder_attention_pattern: decoder self-attention factories repeated over the layers; None uses
+            `decoder_attention`.
     """
 
     def __init__(self, vocab_size: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
                  d_ff: int = 2048, dropout: float = 0.1, attention: AttentionFactory = MultiHeadAttention,
                  cross_attention: AttentionFactory = MultiHeadAttention,
-                 feedforward: FeedForwardFactory = ReLUFeedForward, norm: NormFactory = LayerNorm,
+                 feedforward: FeedForwardFactory | None = ReLUFeedForward, norm: NormFactory = LayerNorm,
                  positions: PositionsFactory = SinusoidalPositions, norm_placement: NormPlacement = "post",
                  tgt_vocab_size: int | None = None, share_embeddings: bool = True, tie_embeddings: bool = True,
                  scale_embeddings: bool = True, output_bias: bool = False,
-                 n_decoder_layers: int | None = None) -> None:
+                 n_decoder_layers: int | None = None, attention_pattern: list[AttentionFactory] | None = None,
+                 decoder_attention: AttentionFactory | None = None,
+                 decoder_attention_pattern: list[AttentionFactory] | None = None) -> None:
         super().__init__()
         n_decoder_layers = n_layers if n_decoder_layers is None else n_decoder_layers
         check_sizes("EncoderDecoder", vocab_size, d_model, n_heads, min(n_layers, n_decoder_layers), d_ff, dropout)
@@ -70,10 +80,14 @@ class EncoderDecoder(nn.Module):
         tgt_tokens = src_tokens if share_embeddings else TokenEmbedding(tgt_vocab_size, d_model, scale_embeddings)
         self.src_embedding = InputEmbedding(src_tokens, positions(d_model, n_heads), dropout)
         self.tgt_embedding = InputEmbedding(tgt_tokens, positions(d_model, n_heads), dropout)
-        self.encoder = EncoderStack(n_layers, d_model, n_heads, d_ff, attention, feedforward, norm, dropout,
-                                    norm_placement)
-        self.decoder = DecoderStack(n_decoder_layers, d_model, n_heads, d_ff, attention, cross_attention,
-                                    feedforward, norm, dropout, norm_placement)
+        max_len = self.src_embedding.positions.max_len
+        self.encoder = EncoderStack(d_model, n_heads, d_ff, tile(attention, attention_pattern, n_layers),
+                                    feedforward, norm, dropout, norm_placement, LayerPlace(max_len=max_len))
+        decoder_attention = tile(decoder_attention or attention, decoder_attention_pattern, n_decoder_layers)
+        self.decoder = DecoderStack(d_model, n_heads, d_ff, decoder_attention, cross_attention, feedforward, norm,
+                                    dropout, norm_placement, LayerPlace(causal=True, max_len=max_len))
+        check_attention("EncoderDecoder", self.encoder, self.src_embedding.positions)
+        check_attention("EncoderDecoder", self.decoder, self.tgt_embedding.positions)
         self.output = OutputProjection(d_model, tgt_vocab_size, bias=output_bias)
         init_weights(self, n_layers + n_decoder_layers, "xavier")
         if tie_embeddings:
@@ -99,10 +113,10 @@ class EncoderDecoder(nn.Module):
 
     def encode(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """(B, S) source ids -> (B, S, C) memory for the decoder."""
-        S = src.shape[1]
         positions = self.src_embedding.positions
-        mask = make_mask(src_mask, S, S, causal=False, bias=positions.attention_bias(S, S))
-        return self.encoder(self.src_embedding(src), mask, rotary=positions.rotary(S))
+        mask = AttentionMask.build(src_mask, causal=False, bias=positions.position_bias())
+        check_padding("EncoderDecoder", self.encoder, mask)
+        return self.encoder(self.src_embedding(src), mask, rotary=positions.rotary(src.shape[1]))
 
     def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor | None = None, tgt_mask: Tensor | None = None,
                cache: DecoderCache | None = None) -> Tensor:
@@ -116,17 +130,23 @@ class EncoderDecoder(nn.Module):
             (B, T, V) logits.
         """
         offset = cache.length if cache is not None else 0
-        T, S = tgt.shape[1], offset + tgt.shape[1]
+        T = tgt.shape[1]
         positions = self.tgt_embedding.positions
-        self_mask = make_mask(tgt_mask, T, S, causal=True, bias=positions.attention_bias(T, S))
-        memory_mask = make_mask(src_mask, T, memory.shape[1], causal=False)
+        self_mask = AttentionMask.build(tgt_mask, causal=True, offset=offset, bias=positions.position_bias())
+        memory_mask = AttentionMask.build(src_mask, causal=False)
+        check_padding("EncoderDecoder", self.decoder, self_mask)
         x = self.tgt_embedding(tgt, offset)
         x = self.decoder(x, memory, self_mask, memory_mask, cache, positions.rotary(T, offset))
+        if cache is not None:
+            cache.advance(T)
         return self.output(x)
 
     def new_cache(self, max_len: int = 0) -> DecoderCache:
-        """An empty decoder cache (self- and cross-attention), preallocated for max_len target positions."""
-        return DecoderCache(self.n_decoder_layers, max_len, cross=True)
+        """Empty decoding states of the decoder: self-attention (preallocated for max_len target positions)
+        and cross-attention (the encoder output, projected on the first step)."""
+        layers = self.decoder.layers
+        return DecoderCache(decoding_states("EncoderDecoder", [layer.self_attention for layer in layers], max_len),
+                            decoding_states("EncoderDecoder", [layer.cross_attention for layer in layers], 0))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_tfm.blocks.attention import MultiHeadAttention, make_mask
+from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention
 from lightning_tfm.blocks.embeddings import TokenEmbedding
 from lightning_tfm.blocks.feedforward import GELUFeedForward
 from lightning_tfm.blocks.layers import NormPlacement
+from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.norms import LayerNorm
 from lightning_tfm.blocks.positions import LearnedPositions
+from lightning_tfm.models.attention_contract import check_attention, check_padding
 from lightning_tfm.models.stacks import (
     AttentionFactory,
     EncoderStack,
@@ -20,6 +22,7 @@ from lightning_tfm.models.stacks import (
     PositionsFactory,
     check_sizes,
     init_weights,
+    tile,
 )
 
 
@@ -33,8 +36,9 @@ class EncoderOnly(nn.Module):
         n_heads: query heads per attention block.
         d_ff: inner width of the feed-forward blocks.
         dropout: residual and embedding dropout, in [0, 1).
-        attention: factory (d_model, n_heads) -> self-attention block.
-        feedforward: factory (d_model, d_ff) -> feed-forward block.
+        attention: factory (d_model, n_heads, place) -> self-attention block, for every layer.
+        attention_pattern: factories repeated over the layers instead; None uses `attention` everywhere.
+        feedforward: factory (d_model, d_ff) -> feed-forward block; None for all-attention layers.
         norm: factory (d_model,) -> normalization.
         positions: factory (d_model, n_heads) -> position scheme; its max_len bounds the input.
         norm_placement: "post" (BERT, the paper) or "pre".
@@ -45,7 +49,8 @@ class EncoderOnly(nn.Module):
 
     def __init__(self, vocab_size: int, d_model: int = 768, n_layers: int = 12, n_heads: int = 12,
                  d_ff: int = 3072, dropout: float = 0.1, attention: AttentionFactory = MultiHeadAttention,
-                 feedforward: FeedForwardFactory = GELUFeedForward, norm: NormFactory = LayerNorm,
+                 attention_pattern: list[AttentionFactory] | None = None,
+                 feedforward: FeedForwardFactory | None = GELUFeedForward, norm: NormFactory = LayerNorm,
                  positions: PositionsFactory = LearnedPositions, norm_placement: NormPlacement = "post",
                  n_segments: int = 2, embedding_norm: bool = True, scale_embeddings: bool = False) -> None:
         super().__init__()
@@ -56,8 +61,10 @@ class EncoderOnly(nn.Module):
         self.embedding = InputEmbedding(TokenEmbedding(vocab_size, d_model, scale_embeddings),
                                         positions(d_model, n_heads), dropout,
                                         norm(d_model) if embedding_norm else None, n_segments)
-        self.stack = EncoderStack(n_layers, d_model, n_heads, d_ff, attention, feedforward, norm, dropout,
-                                  norm_placement)
+        place = LayerPlace(causal=False, max_len=self.embedding.positions.max_len)
+        self.stack = EncoderStack(d_model, n_heads, d_ff, tile(attention, attention_pattern, n_layers), feedforward,
+                                  norm, dropout, norm_placement, place)
+        check_attention("EncoderOnly", self.stack, self.embedding.positions)
         init_weights(self, n_layers, "gpt2")
 
     @property
@@ -74,7 +81,8 @@ class EncoderOnly(nn.Module):
         """
         T = ids.shape[1]
         positions = self.embedding.positions
-        attn_mask = make_mask(mask, T, T, causal=False, bias=positions.attention_bias(T, T))
+        attn_mask = AttentionMask.build(mask, causal=False, bias=positions.position_bias())
+        check_padding("EncoderOnly", self.stack, attn_mask)
         x = self.embedding(ids, 0, segments)
         return self.stack(x, attn_mask, rotary=positions.rotary(T))
 

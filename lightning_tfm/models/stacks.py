@@ -3,23 +3,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
 from torch import Tensor, nn
 
-from lightning_tfm.blocks.attention import Attention, AttentionMask
+from lightning_tfm.blocks.attention import Attention, LayerPlace
 from lightning_tfm.blocks.embeddings import TokenEmbedding
 from lightning_tfm.blocks.feedforward import FeedForward
-from lightning_tfm.blocks.kv_cache import DecoderCache, KVCache
+from lightning_tfm.blocks.kv_cache import DecoderCache
 from lightning_tfm.blocks.layers import DecoderLayer, EncoderLayer, NormPlacement, check_placement
+from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.norms import Norm
 from lightning_tfm.blocks.positions import Positions
 
-AttentionFactory = Callable[[int, int], Attention]       # (d_model, n_heads) -> one attention block
+AttentionFactory = Callable[[int, int, LayerPlace], Attention]   # (d_model, n_heads, place) -> one block
 FeedForwardFactory = Callable[[int, int], FeedForward]   # (d_model, d_ff) -> one feed-forward block
 NormFactory = Callable[[int], Norm]                      # (d_model,) -> one normalization
 PositionsFactory = Callable[[int, int], Positions]       # (d_model, n_heads) -> the position scheme
+
+
+def tile(factory: AttentionFactory, pattern: list[AttentionFactory] | None, n_layers: int) -> list[AttentionFactory]:
+    """One attention factory per layer: `pattern` repeated over the layers, or `factory` for every layer when
+    there is no pattern (e.g. [local, local, local, full] puts a full layer every fourth)."""
+    if pattern is not None and not pattern:
+        raise ValueError("an attention pattern must name at least one attention block")
+    return [pattern[i % len(pattern)] for i in range(n_layers)] if pattern else [factory] * n_layers
 
 
 def check_sizes(model: str, vocab_size: int, d_model: int, n_heads: int, n_layers: int, d_ff: int,
@@ -69,18 +79,33 @@ class InputEmbedding(nn.Module):
         return self.dropout(x)
 
 
-class EncoderStack(nn.Module):
-    """n_layers `EncoderLayer`s and, for pre-norm, the final norm they need."""
+def _places(place: LayerPlace, n_layers: int) -> list[LayerPlace]:
+    return [dataclasses.replace(place, index=i, n_layers=n_layers) for i in range(n_layers)]
 
-    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int, attention: AttentionFactory,
-                 feedforward: FeedForwardFactory, norm: NormFactory, dropout: float,
-                 norm_placement: NormPlacement) -> None:
+
+class EncoderStack(nn.Module):
+    """`EncoderLayer`s, one per attention factory, and, for pre-norm, the final norm they need.
+
+    Args:
+        d_model, n_heads, d_ff: sizes of every layer.
+        attention: one self-attention factory per layer (see `tile`).
+        feedforward: factory of the feed-forward blocks; None for all-attention layers.
+        norm: factory of the norms.
+        dropout: residual dropout.
+        norm_placement: "pre" or "post".
+        place: where the stack's attention sits (causal or not, maximum length); the index is filled per layer.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, attention: list[AttentionFactory],
+                 feedforward: FeedForwardFactory | None, norm: NormFactory, dropout: float,
+                 norm_placement: NormPlacement, place: LayerPlace) -> None:
         super().__init__()
         check_placement(norm_placement)
         self.layers = nn.ModuleList(
-            EncoderLayer(attention(d_model, n_heads), feedforward(d_model, d_ff), norm(d_model), norm(d_model),
-                         dropout, norm_placement)
-            for _ in range(n_layers))
+            EncoderLayer(factory(d_model, n_heads, where),
+                         feedforward(d_model, d_ff) if feedforward is not None else None, norm(d_model),
+                         norm(d_model) if feedforward is not None else None, dropout, norm_placement)
+            for factory, where in zip(attention, _places(place, len(attention))))
         self.final_norm = norm(d_model) if norm_placement == "pre" else None
 
     def forward(self, x: Tensor, mask: AttentionMask, cache: DecoderCache | None = None,
@@ -91,26 +116,38 @@ class EncoderStack(nn.Module):
 
 
 class DecoderStack(nn.Module):
-    """n_layers `DecoderLayer`s and, for pre-norm, the final norm they need."""
+    """`DecoderLayer`s, one per self-attention factory, and, for pre-norm, the final norm they need.
 
-    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int, attention: AttentionFactory,
-                 cross_attention: AttentionFactory, feedforward: FeedForwardFactory, norm: NormFactory,
-                 dropout: float, norm_placement: NormPlacement) -> None:
+    Args:
+        d_model, n_heads, d_ff: sizes of every layer.
+        attention: one causal self-attention factory per layer (see `tile`).
+        cross_attention: factory of the cross-attention blocks.
+        feedforward: factory of the feed-forward blocks; None for all-attention layers.
+        norm: factory of the norms.
+        dropout: residual dropout.
+        norm_placement: "pre" or "post".
+        place: where the self-attention sits (causal, maximum length); the index is filled per layer.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, attention: list[AttentionFactory],
+                 cross_attention: AttentionFactory, feedforward: FeedForwardFactory | None, norm: NormFactory,
+                 dropout: float, norm_placement: NormPlacement, place: LayerPlace) -> None:
         super().__init__()
         check_placement(norm_placement)
         self.layers = nn.ModuleList(
-            DecoderLayer(attention(d_model, n_heads), cross_attention(d_model, n_heads),
-                         feedforward(d_model, d_ff), norm(d_model), norm(d_model), norm(d_model),
-                         dropout, norm_placement)
-            for _ in range(n_layers))
+            DecoderLayer(factory(d_model, n_heads, where),
+                         cross_attention(d_model, n_heads, dataclasses.replace(where, causal=False, cross=True)),
+                         feedforward(d_model, d_ff) if feedforward is not None else None, norm(d_model),
+                         norm(d_model), norm(d_model) if feedforward is not None else None, dropout, norm_placement)
+            for factory, where in zip(attention, _places(place, len(attention))))
         self.final_norm = norm(d_model) if norm_placement == "pre" else None
 
     def forward(self, x: Tensor, memory: Tensor, self_mask: AttentionMask, memory_mask: AttentionMask,
                 cache: DecoderCache | None = None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         for i, layer in enumerate(self.layers):
-            self_cache: KVCache | None = cache.self_attn[i] if cache is not None else None
-            cross_cache: KVCache | None = cache.cross_attn[i] if cache is not None and cache.cross_attn else None
-            x = layer(x, memory, self_mask, memory_mask, self_cache, cross_cache, rotary)
+            self_state = cache.self_attn[i] if cache is not None else None
+            cross_state = cache.cross_attn[i] if cache is not None and cache.cross_attn else None
+            x = layer(x, memory, self_mask, memory_mask, self_state, cross_state, rotary)
         return x if self.final_norm is None else self.final_norm(x)
 
 
@@ -119,15 +156,18 @@ def init_weights(model: nn.Module, n_layers: int, scheme: str) -> None:
 
     "xavier": Glorot-uniform weights, zero biases (fairseq's and the Annotated Transformer's choice for the
     paper's post-norm model). "gpt2": N(0, 0.02) weights, with the projections that write into the residual
-    stream scaled by 1/sqrt(2 n_layers) (GPT-2 §2.3). Embeddings keep their own initialisation.
+    stream scaled by 1/sqrt(2 n_layers) (GPT-2 §2.3); each block names those (`residual_projections`), so a
+    variant keeps the scaling whatever it calls its layers. Embeddings keep their own initialisation.
     """
-    for name, module in model.named_modules():
+    residual = {id(linear) for block in model.modules() if hasattr(block, "residual_projections")
+                for linear in block.residual_projections()}
+    for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
         if scheme == "xavier":
             nn.init.xavier_uniform_(module.weight)
         else:
-            residual = name.endswith(("attention.out", "feedforward.fc2"))
-            nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
+            scaled = id(module) in residual
+            nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * n_layers) if scaled else 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

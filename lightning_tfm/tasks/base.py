@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_tfm.finetune import FineTuning, PretrainedSource, load_pretrained, read_source
+from lightning_tfm.models.attention_contract import after_optimizer_step, auxiliary_losses
 from lightning_tfm.models.class_paths import as_config, class_path, is_plain
 
 OptimizerFactory = Callable[[Iterable], Optimizer]
@@ -98,6 +99,22 @@ class TaskModule(L.LightningModule):
             self.hparams["init_from"] = None          # its weights are in this run's checkpoints from now on
         if self.finetune is not None:
             self.finetune.apply(self.model)
+
+    def training_loss(self, loss: Tensor, batch_size: int) -> Tensor:
+        """The task's loss plus the model's auxiliary losses (adaptive spans' penalty, routing's commitment),
+        in training only. `train_loss` logs the task's loss alone, so it compares across models; each auxiliary
+        loss is logged under its own name (`train_span_penalty`) and never enters validation metrics."""
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, extra in auxiliary_losses(self.model).items():
+            self.log(f"train_{name}", extra, batch_size=batch_size)
+            loss = loss + extra
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, then the blocks' own updates: once per optimizer step, so gradient accumulation
+        over k micro-batches updates them once, like the weights."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        after_optimizer_step(self.model)
 
     def default_optimizer(self, params: Iterable) -> Optimizer:
         raise NotImplementedError(f"{type(self).__name__} must define its default optimizer")

@@ -71,9 +71,7 @@ class ClassificationModule(TaskModule):
         return self.head(self.model(ids, mask, segments), mask)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self._loss(self._logits(batch), batch["labels"])
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
-        return loss
+        return self.training_loss(self._loss(self._logits(batch), batch["labels"]), len(batch["labels"]))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")

@@ -80,8 +80,7 @@ class MaskedLanguageModelModule(TaskModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, _, n_tokens = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=max(n_tokens, 1))
-        return loss
+        return self.training_loss(loss, max(n_tokens, 1))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, self.val_loss, self.val_acc)

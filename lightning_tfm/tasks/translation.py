@@ -82,9 +82,7 @@ class TranslationModule(TaskModule):
                            alpha=self.length_penalty, pad_id=self.pad_id).tokens
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, n_tokens = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=n_tokens)
-        return loss
+        return self.training_loss(*self._loss(batch))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val", self.val_beam_size)

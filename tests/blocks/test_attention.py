@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_tfm.blocks.attention import MultiHeadAttention, make_mask
+from lightning_tfm.blocks.attention import MultiHeadAttention
 from lightning_tfm.blocks.kv_cache import KVCache
+from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.positions import ALiBiPositions
 
 torch.manual_seed(0)
@@ -28,10 +29,10 @@ def test_self_attention_equals_torch_multihead_attention_with_padding_and_causal
     x, real = torch.randn(3, 6, 16), _padding()
     future = torch.ones(6, 6, dtype=torch.bool).triu(1)                   # torch's convention: True = blocked
     want, _ = theirs(x, x, x, key_padding_mask=~real, attn_mask=future)
-    got = ours(x, mask=make_mask(real, 6, 6, causal=True))
+    got = ours(x, mask=AttentionMask.build(real, causal=True))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     want_bidirectional, _ = theirs(x, x, x, key_padding_mask=~real)
-    torch.testing.assert_close(ours(x, mask=make_mask(real, 6, 6, causal=False)), want_bidirectional,
+    torch.testing.assert_close(ours(x, mask=AttentionMask.build(real, causal=False)), want_bidirectional,
                                atol=1e-5, rtol=0)
 
 
@@ -44,7 +45,7 @@ def test_cross_attention_uses_the_two_slices_of_the_fused_projection():
     v = (memory @ W[32:].T + b[32:]).view(3, 6, 4, 4).transpose(1, 2)
     logits = (q @ k.transpose(-1, -2)) / 2.0 + torch.where(real[:, None, None, :], 0.0, float("-inf"))
     want = attn.out((logits.softmax(-1) @ v).transpose(1, 2).reshape(3, 5, 16))
-    got = attn(x, context=memory, mask=make_mask(real, 5, 6, causal=False))
+    got = attn(x, context=memory, mask=AttentionMask.build(real, causal=False))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -53,9 +54,9 @@ def test_cross_attention_uses_the_two_slices_of_the_fused_projection():
 def test_fused_and_weights_returning_paths_agree(n_kv_heads, case):
     attn = MultiHeadAttention(16, 4, n_kv_heads=n_kv_heads).eval()
     x, real = torch.randn(3, 6, 16), _padding()
-    bias = ALiBiPositions(16, 4).attention_bias(6, 6) if case == "alibi" else None
-    mask = make_mask(real if "padding" in case or case == "alibi" else None, 6, 6,
-                     causal=case.startswith("causal") or case == "alibi", bias=bias)
+    bias = ALiBiPositions(16, 4).position_bias() if case == "alibi" else None
+    mask = AttentionMask.build(real if "padding" in case or case == "alibi" else None,
+                               causal=case.startswith("causal") or case == "alibi", bias=bias)
     fused = attn(x, mask=mask)
     attn.keep_weights = True
     explicit = attn(x, mask=mask)
@@ -82,7 +83,7 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_heads
                                       vb.repeat_interleave(2, 0).flatten()]))
         mha.out.load_state_dict(gqa.out.state_dict())
     x = torch.randn(2, 5, 16)
-    mask = make_mask(None, 5, 5, causal=True)
+    mask = AttentionMask(causal=True)
     torch.testing.assert_close(gqa(x, mask=mask), mha(x, mask=mask), atol=1e-5, rtol=0)
     assert gqa.qkv.weight.shape == (32, 16)          # fewer key/value parameters
 
@@ -90,11 +91,13 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_heads
 def test_kv_cache_step_by_step_equals_full_causal_attention():
     attn = MultiHeadAttention(16, 4, n_kv_heads=2).eval()
     x = torch.randn(2, 7, 16)
-    full = attn(x, mask=make_mask(None, 7, 7, causal=True))
+    full = attn(x, mask=AttentionMask(causal=True))
     cache = KVCache(max_len=3)                       # grows past its preallocation
-    first = attn(x[:, :3], mask=make_mask(None, 3, 3, causal=True), cache=cache)
-    steps = [attn(x[:, t:t + 1], mask=make_mask(None, 1, t + 1, causal=True), cache=cache) for t in range(3, 7)]
-    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, atol=1e-5, rtol=0)
+    first = attn(x[:, :3], mask=AttentionMask(causal=True), state=cache)
+    steps = [attn(x[:, t:t + 1], mask=AttentionMask(causal=True, offset=t), state=cache) for t in range(3, 5)]
+    # a multi-token step after the prefill (speculative decoding, chunked prompts)
+    last = attn(x[:, 5:], mask=AttentionMask(causal=True, offset=5), state=cache)
+    torch.testing.assert_close(torch.cat([first, *steps, last], dim=1), full, atol=1e-5, rtol=0)
     assert cache.length == 7
 
 
@@ -103,11 +106,11 @@ def test_fully_masked_rows_stay_finite_in_half_precision(dtype):
     attn = MultiHeadAttention(16, 4).eval().to(dtype)
     x = torch.randn(2, 4, 16, dtype=dtype)
     real = torch.tensor([[True, True, False, False], [False, False, False, False]])
-    for bias in (None, ALiBiPositions(16, 4).attention_bias(4, 4)):
-        out = attn(x, mask=make_mask(real, 4, 4, causal=True, bias=bias))
+    for bias in (None, ALiBiPositions(16, 4).position_bias()):
+        out = attn(x, mask=AttentionMask(causal=True, key_mask=real, bias=bias))
         assert torch.isfinite(out).all()
         attn.keep_weights = True
-        assert torch.isfinite(attn(x, mask=make_mask(real, 4, 4, causal=True, bias=bias))).all()
+        assert torch.isfinite(attn(x, mask=AttentionMask(causal=True, key_mask=real, bias=bias))).all()
         attn.keep_weights = False
 
 
@@ -119,8 +122,8 @@ def test_long_causal_mask_in_half_precision_stays_close_to_float32(dtype):
     real = torch.ones(2, 1024, dtype=torch.bool)
     real[1, 700:] = False                                             # padding too
     with torch.no_grad():
-        want = attn(x, mask=make_mask(real, 1024, 1024, causal=True))
-        got = attn.to(dtype)(x.to(dtype), mask=make_mask(real, 1024, 1024, causal=True))
+        want = attn(x, mask=AttentionMask.build(real, causal=True))
+        got = attn.to(dtype)(x.to(dtype), mask=AttentionMask.build(real, causal=True))
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
 

@@ -57,7 +57,7 @@ def test_rotary_scores_depend_only_on_relative_offset():
 def test_alibi_slopes_and_bias_follow_press_et_al():
     alibi = ALiBiPositions(d_model=32, n_heads=8)
     torch.testing.assert_close(alibi.slopes, torch.tensor([2 ** -(i + 1) for i in range(8)]))
-    bias = alibi.attention_bias(n_queries=2, n_keys=5)      # queries at positions 3 and 4
+    bias = alibi.position_bias()(torch.tensor([3, 4]), torch.arange(5))      # queries at positions 3 and 4
     assert bias.shape == (8, 2, 5)
     torch.testing.assert_close(bias[0, 1], -0.5 * torch.tensor([4.0, 3, 2, 1, 0]))
     assert ALiBiPositions(32, n_heads=6).slopes.shape == (6,)
