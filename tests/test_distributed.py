@@ -171,3 +171,28 @@ def test_torchrun_two_nodes_on_loopback_train_together(data, sst2_slices, tmp_pa
     assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4
     (row,) = [r for r in metrics(run) if "val_acc" in r]                # one validation, logged once
     assert math.isfinite(row["val_loss"]) and 0 <= row["val_acc"] <= 1
+
+
+def test_auxiliary_losses_and_per_step_updates_agree_under_ddp_and_gradient_accumulation(data, tmp_path):
+    """A decoder with adaptive spans (span penalty in the loss, spans clamped after each optimizer step) trained
+    by two DDP ranks ends where one process accumulating the same two batches per step ends."""
+    span = {"class_path": "lightning_tfm.blocks.attention_variants.AdaptiveSpanAttention",
+            "init_args": {"max_span": 16, "ramp": 4, "init_span": 0.0, "span_penalty": 0.5}}
+    data_args = {"train_path": str(data / "mt_train"), "val_path": str(data / "mt_val"),
+                 "tokenizer_vocab_size": 1000, "max_tokens": 256}
+    weights = {}
+    for name, trainer, launch in (("ddp", {}, DDP), ("one", {"accumulate_grad_batches": 2}, ["--trainer.devices", 1])):
+        run = tmp_path / name
+        config = tiny_config(MT, tmp_path, run, data_args, max_steps=4, max_epochs=1, limit_val_batches=0,
+                             max_time=None, log_every_n_steps=1, **trainer)
+        settings = yaml.safe_load(config.read_text())
+        settings["model"]["init_args"]["model"]["init_args"]["decoder_attention"] = span
+        config.write_text(yaml.safe_dump(settings))
+        lightning_tfm("fit", "--config", config, *launch, timeout=300)
+        weights[name] = torch.load(run / "weights.rank0.pt", weights_only=True)
+        assert any("train_span_penalty" in row for row in metrics(run))
+    spans = [key for key in weights["ddp"] if key.endswith("self_attention.span")]
+    assert spans and all(0 <= weights["ddp"][key].min() and weights["ddp"][key].max() <= 1 for key in spans)
+    assert any((weights["ddp"][key] == 0).any() for key in spans)      # pushed below 0 by the penalty, clamped back
+    worst = max((weights["ddp"][key] - weights["one"][key]).abs().max().item() for key in weights["ddp"])
+    assert worst < 1e-6, f"DDP and accumulation differ by {worst:.2e}"

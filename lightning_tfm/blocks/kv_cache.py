@@ -68,12 +68,12 @@ class WindowCache:
     returns end at the newest position, so they start at position offset + T - S (what the attention computes).
 
     Args:
-        window: positions to keep after each step (a step of T tokens briefly holds window + T).
+        window: positions to keep after each step, >= 0 (a step of T tokens briefly holds window + T).
     """
 
     def __init__(self, window: int) -> None:
-        if window < 1:
-            raise ValueError(f"WindowCache: window={window}, must be >= 1")
+        if window < 0:
+            raise ValueError(f"WindowCache: window={window}, must be >= 0")
         self.window = window
         self.k: Tensor | None = None
         self.v: Tensor | None = None
@@ -82,7 +82,8 @@ class WindowCache:
         """Add k, v (B, Hkv, T, D); return the kept and the new keys and values (B, Hkv, L + T, D)."""
         if self.k is not None:
             k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k[:, :, -self.window:], v[:, :, -self.window:]
+        drop = max(0, k.shape[2] - self.window)
+        self.k, self.v = k[:, :, drop:], v[:, :, drop:]
         return k, v
 
     def select(self, index: Tensor) -> None:
