@@ -2,7 +2,8 @@
 sparse patterns (and the blocked kernel that computes them), adaptive attention span and persistent memory."""
 
 from lightning_tfm.blocks.attention_variants.adaptive_span import AdaptiveSpanAttention
-from lightning_tfm.blocks.attention_variants.blocked import BlockPlan, plan_attention, sparse_attention
+from lightning_tfm.blocks.attention_variants.block_plans import BlockPlan, plan_attention
+from lightning_tfm.blocks.attention_variants.blocked import sparse_attention
 from lightning_tfm.blocks.attention_variants.patterns import (
     Band,
     BlockLocal,
@@ -26,7 +27,10 @@ from lightning_tfm.blocks.attention_variants.sparse import (
     StridedAttention,
 )
 
-__all__ = ["AdaptiveSpanAttention", "Band", "BandStridedAttention", "BlockGlobalAttention", "BlockLocal", "BlockLocalAttention", "BlockPlan",
-           "Dilated", "DilatedWindowAttention", "Everything", "Global", "GlobalKeys", "GlobalQueries", "Pattern",
-           "PersistentMemoryAttention", "SlidingWindowAttention", "SparseAttention", "Strided", "StridedAttention", "Union", "plan_attention",
-           "sparse_attention"]
+__all__ = [
+    "AdaptiveSpanAttention", "Band", "BandStridedAttention", "BlockGlobalAttention", "BlockLocal",
+    "BlockLocalAttention",
+    "BlockPlan", "Dilated", "DilatedWindowAttention", "Everything", "Global", "GlobalKeys", "GlobalQueries", "Pattern",
+    "PersistentMemoryAttention", "SlidingWindowAttention", "SparseAttention", "Strided", "StridedAttention", "Union",
+    "plan_attention", "sparse_attention",
+]

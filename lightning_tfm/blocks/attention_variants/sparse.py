@@ -18,8 +18,15 @@ from torch import Tensor
 
 from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention, Supports
 from lightning_tfm.blocks.attention_variants.blocked import sparse_attention
-from lightning_tfm.blocks.attention_variants.patterns import Band, BlockLocal, Dilated, Everything, Global, Pattern
-from lightning_tfm.blocks.attention_variants.patterns import Strided
+from lightning_tfm.blocks.attention_variants.patterns import (
+    Band,
+    BlockLocal,
+    Dilated,
+    Everything,
+    Global,
+    Pattern,
+    Strided,
+)
 from lightning_tfm.blocks.kv_cache import DecodingState, KVCache, MemoryCache, WindowCache
 from lightning_tfm.blocks.masks import AttentionMask
 

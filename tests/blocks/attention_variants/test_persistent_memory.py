@@ -25,7 +25,7 @@ def _dense_reference(attn, x, key_mask=None, causal=False, bias=None, rotary=Non
     """softmax over [memory; keys] (Sukhbaatar et al. 2019, §4.1): the memory has no position (bias 0, and its
     logits take the query unrotated) and is never masked; the sequence's keys are masked and biased as usual."""
     B, T, C = x.shape
-    H, Hkv, D, N = attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.n_memory
+    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).split([H * D, Hkv * D, Hkv * D], -1)
     q = q.view(B, T, H, D).transpose(1, 2)
     k, v = (t.view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, 1) for t in (k, v))

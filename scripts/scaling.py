@@ -1,0 +1,174 @@
+"""How each attention variant's cost grows with the sequence length, next to full attention (SDPA).
+
+One forward + backward of one attention block (d_model 256, 4 heads, batch 1, causal) at each length, each
+measurement in a fresh process so its peak resident memory is its own: the time (median of the repeats) and
+the peak memory the pass adds on top of the inputs. Then a least-squares fit of log(time) and log(memory)
+against log(T) gives each variant's growth exponent, and the crossover is the first length from which the
+variant is faster than full attention.
+
+    python scripts/scaling.py                                  # T = 512 .. 16384, every variant
+    python scripts/scaling.py --lengths 512 1024 --only full window
+    python scripts/scaling.py --out results/scaling            # writes scaling.json, scaling.md, scaling.png
+
+This is not a test: it takes about 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+D_MODEL, N_HEADS = 256, 4
+
+
+def variants() -> dict:
+    """name -> (factory (d_model, n_heads, place) -> attention block, what it is)."""
+    from lightning_tfm.blocks import attention_variants as av
+    from lightning_tfm.blocks.attention import MultiHeadAttention
+
+    return {
+        "full": (MultiHeadAttention, "full attention (SDPA)"),
+        "window": (partial(av.SlidingWindowAttention, window=256), "sliding window 256"),
+        "dilated": (partial(av.DilatedWindowAttention, window=128, dilation=2), "dilated window 128 x 2"),
+        "strided": (partial(av.StridedAttention, stride=128), "strided, stride 128"),
+        "band+strided": (partial(av.BandStridedAttention, window=128, stride=128), "band 128 + stride 128"),
+        "block+global": (partial(av.BlockGlobalAttention, block=128, n_global=16), "block 128 + 16 global"),
+        "adaptive_span": (partial(av.AdaptiveSpanAttention, max_span=1024, init_span=0.25),
+                          "adaptive span (spans 256 of 1024)"),
+        "persistent_memory": (partial(av.PersistentMemoryAttention, n_memory=16), "full + 16 memory slots"),
+    }
+
+
+def measure_one(name: str, length: int, repeats: int, threads: int) -> dict:
+    """Time and peak memory of forward + backward of one block; run in its own process."""
+    import torch
+
+    from lightning_tfm.blocks.attention import LayerPlace
+    from lightning_tfm.blocks.masks import AttentionMask
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    block = variants()[name][0](D_MODEL, N_HEADS, LayerPlace(causal=True, max_len=length))
+    x = torch.randn(1, length, D_MODEL, requires_grad=True)
+    mask = AttentionMask(causal=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(x, mask=mask).sum().backward()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"variant": name, "T": length, "seconds": sorted(times)[len(times) // 2],
+            "peak_mib": (peak - before) / 1024}
+
+
+def _fit(points: list[tuple[int, float]]) -> float | None:
+    """Slope of log(y) against log(T) by least squares."""
+    points = [(t, y) for t, y in points if y > 0]
+    if len(points) < 2:
+        return None
+    xs, ys = [math.log(t) for t, _ in points], [math.log(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+def summarise(records: list[dict]) -> dict:
+    names = list(dict.fromkeys(r["variant"] for r in records))
+    full = {r["T"]: r["seconds"] for r in records if r["variant"] == "full"}
+    summary = {}
+    for name in names:
+        rows = sorted((r for r in records if r["variant"] == name), key=lambda r: r["T"])
+        faster = [r["T"] for r in rows if r["T"] in full and r["seconds"] < full[r["T"]]]
+        crossover = next((t for t in faster if all(u in faster for u in full if u >= t)), None)
+        summary[name] = {"time_exponent": _fit([(r["T"], r["seconds"]) for r in rows]),
+                         "memory_exponent": _fit([(r["T"], r["peak_mib"]) for r in rows]),
+                         "crossover_T": None if name == "full" else crossover}
+    return summary
+
+
+def table(records: list[dict], summary: dict) -> str:
+    lengths = sorted({r["T"] for r in records})
+    by = {(r["variant"], r["T"]): r for r in records}
+    head = "| variant | " + " | ".join(f"T={t}" for t in lengths) + " | time exp. | memory exp. | faster from |"
+    lines = [head, "|" + "---|" * (len(lengths) + 4)]
+    for name, s in summary.items():
+        cells = [f"{by[name, t]['seconds']:.3f} s / {by[name, t]['peak_mib']:.0f} MiB" if (name, t) in by else "-"
+                 for t in lengths]
+        exponents = [f"{e:.2f}" if e is not None else "-" for e in (s["time_exponent"], s["memory_exponent"])]
+        cross = "-" if name == "full" else (f"T={s['crossover_T']}" if s["crossover_T"] else "never")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {exponents[0]} | {exponents[1]} | {cross} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["variant"] for r in records):
+        rows = sorted((r for r in records if r["variant"] == name), key=lambda r: r["T"])
+        style = dict(marker="o", linewidth=2.5 if name == "full" else 1.2, color="black" if name == "full" else None)
+        axes[0].loglog([r["T"] for r in rows], [r["seconds"] for r in rows], label=name, **style)
+        axes[1].loglog([r["T"] for r in rows], [max(r["peak_mib"], 0.1) for r in rows], label=name, **style)
+    for ax, what in zip(axes, ("seconds per forward + backward", "peak memory added (MiB)")):
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"One causal attention block, d_model {D_MODEL}, {N_HEADS} heads, batch 1, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--only", nargs="+", help="variants to measure (default: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="skip a variant's longer lengths once one pass takes longer than this (seconds)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "scaling")
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "T"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.repeats, args.threads)))
+        return
+    names = args.only or list(variants())
+    unknown = sorted(set(names) - set(variants()))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(variants())}")
+    records = []
+    for name in names:
+        for length in sorted(args.lengths):
+            cmd = [sys.executable, __file__, "--one", name, str(length), "--repeats", str(args.repeats),
+                   "--threads", str(args.threads)]
+            result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            if result.returncode:
+                print(f"{name} T={length}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+                break
+            record = json.loads(result.stdout.strip().splitlines()[-1])
+            records.append(record)
+            print(f"{name:>18} T={length:>6}: {record['seconds']:.3f} s, {record['peak_mib']:.0f} MiB", flush=True)
+            if record["seconds"] > args.budget:
+                break
+    summary = summarise(records)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps({"records": records, "summary": summary}, indent=1))
+    Path(f"{args.out}.md").write_text(table(records, summary) + "\n")
+    plot(records, Path(f"{args.out}.png"))
+    print(table(records, summary))
+
+
+if __name__ == "__main__":
+    main()
