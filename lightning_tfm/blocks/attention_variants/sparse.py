@@ -3,8 +3,9 @@
 
 `SparseAttention` takes any pattern (from Python: `SparseAttention(256, 4, pattern=Band(64) | Strided(16))`); the
 named classes below fix one, so YAML selects them by class_path with plain integers. Training and long prompts
-run the blocked kernel (`blocked.sparse_attention`), whose work grows with the allowed pairs; a short step (one
-new token) attends densely over the few keys its decoding state kept. A pattern that looks back a bounded
+run the blocked kernel (`blocked.sparse_attention`), whose work grows with the allowed pairs, or on CUDA
+FlexAttention with the pattern as its block mask (`flex.py`); a short step (one new token) attends densely over
+the few keys its decoding state kept. A pattern that looks back a bounded
 distance decodes with a `WindowCache` of that many keys instead of a growing one.
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention, Supports
 from lightning_tfm.blocks.attention_variants.blocked import sparse_attention
+from lightning_tfm.blocks.attention_variants.flex import flex_available, flex_sparse_attention
 from lightning_tfm.blocks.attention_variants.patterns import (
     Band,
     BlockLocal,
@@ -85,6 +87,9 @@ class SparseAttention(MultiHeadAttention):
         dropout = self.dropout if self.training else 0.0
         if self.keep_weights or T * S <= _DENSE_PAIRS:
             return self._attend_densely(q, k, v, mask, key_start, dropout)
+        if flex_available(q, dropout, mask.bias is not None):
+            return flex_sparse_attention(q, k, v, self.pattern, causal=mask.causal, q_offset=mask.offset,
+                                         k_start=key_start, key_mask=key_mask)
         return sparse_attention(q, k, v, self.pattern, causal=mask.causal, q_offset=mask.offset, k_start=key_start,
                                 key_mask=key_mask, bias=mask.bias, block=self.block, dropout=self.dropout,
                                 training=self.training)
