@@ -137,21 +137,27 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
                                               enable_gqa=self.n_kv_heads != self.n_heads)
 
-    def _attend_explicitly(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float) -> Tensor:
+    def _attend_explicitly(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float,
+                           key_start: int = 0, pattern: Tensor | None = None) -> Tensor:
+        """The written-out computation, softmax in fp32: keys at positions key_start.., and `pattern` (T, S), if
+        given, restricting the pairs further (a sparse variant's). Keeps the weights when `keep_weights` is set."""
         T, S = q.shape[2], k.shape[2]
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # (B, H, S, D)
-        logits = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5                      # (B, H, T, S)
-        bias = mask.bias_logits(T, S, q.device)
+        logits = (q @ k.transpose(-2, -1)).float() * self.head_dim ** -0.5              # (B, H, T, S)
+        bias = mask.bias_logits(T, S, q.device, key_start)
         if bias is not None:
-            logits = logits + bias.to(logits.dtype)
-        allowed = mask.allowed(T, S, q.device)
+            logits = logits + bias.float()
+        allowed = mask.allowed(T, S, q.device, key_start)
+        if pattern is not None:
+            allowed = pattern if allowed is None else allowed & pattern               # (B or 1, 1, T, S)
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         # rows with no allowed key give zeros, as SDPA does, instead of NaN
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        self.weights = weights.detach()
-        return F.dropout(weights, dropout, self.training) @ v                           # (B, H, T, D)
+        if self.keep_weights:
+            self.weights = weights.detach()
+        return F.dropout(weights, dropout, self.training).to(v.dtype) @ v              # (B, H, T, D)
 
 
 class MultiHeadAttention(Attention):

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention, Supports
@@ -96,24 +95,11 @@ class SparseAttention(MultiHeadAttention):
 
     def _attend_densely(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, key_start: int,
                         dropout: float) -> Tensor:
-        """The explicit computation over the pattern's mask: short steps, and `keep_weights`."""
-        T, S = q.shape[2], k.shape[2]
-        q_pos = mask.query_positions(T, q.device)
-        k_pos = torch.arange(key_start, key_start + S, device=q.device)
-        allowed = self.pattern.allows(q_pos[:, None], k_pos[None, :])                  # (T, S)
-        described = mask.allowed(T, S, q.device, key_start)
-        allowed = allowed if described is None else described & allowed            # (B or 1, 1, T, S)
-        group = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # (B, H, S, D)
-        logits = (q @ k.transpose(-2, -1)).float() * self.head_dim ** -0.5             # (B, H, T, S)
-        bias = mask.bias_logits(T, S, q.device, key_start)
-        if bias is not None:
-            logits = logits + bias.float()
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)          # a row with no allowed key gives 0
-        if self.keep_weights:
-            self.weights = weights.detach()
-        return (F.dropout(weights, dropout, self.training).to(v.dtype) @ v)
+        """The explicit computation under the pattern's mask: short steps, and `keep_weights`."""
+        q_pos = mask.query_positions(q.shape[2], q.device)
+        k_pos = torch.arange(key_start, key_start + k.shape[2], device=q.device)
+        pattern = self.pattern.allows(q_pos[:, None], k_pos[None, :])                  # (T, S)
+        return self._attend_explicitly(q, k, v, mask, dropout, key_start, pattern)
 
 
 class SlidingWindowAttention(SparseAttention):
