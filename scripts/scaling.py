@@ -1,6 +1,7 @@
 """How each attention variant's cost grows with the sequence length, next to full attention (SDPA).
 
-One forward + backward of one attention block (d_model 256, 4 heads, batch 1, causal) at each length, each
+One forward + backward of one attention block (d_model 256, 4 heads, batch 1; causal, or bidirectional for the
+variants that are bidirectional only, next to bidirectional full attention "full (bidir.)") at each length, each
 measurement in a fresh process so its peak resident memory is its own: the time (median of the repeats) and
 the peak memory the pass adds on top of the inputs. Then a least-squares fit of log(time) and log(memory)
 against log(T) gives each variant's growth exponent, and the crossover is the first length from which the
@@ -44,7 +45,32 @@ def variants() -> dict:
         "adaptive_span": (partial(av.AdaptiveSpanAttention, max_span=1024, init_span=0.25),
                           "adaptive span (spans 256 of 1024)"),
         "persistent_memory": (partial(av.PersistentMemoryAttention, n_memory=16), "full + 16 memory slots"),
+        "routing": (_routing, "k-means routing, sqrt(T) clusters, window 64"),
+        "linear": (av.LinearAttention, "linear attention, elu + 1"),
+        "performer": (partial(av.PerformerAttention, n_features=64), "Performer, 64 random features"),
+        "compressed": (partial(av.MemoryCompressedAttention, compression=4), "memory-compressed, r = 4"),
+        "full (bidir.)": (MultiHeadAttention, "full attention (SDPA), bidirectional"),
+        "clustered": (partial(av.ClusteredAttention, n_clusters=64), "clustered, 64 query clusters"),
+        "linformer": (partial(av.LinformerAttention, projected_len=256), "Linformer, k = 256"),
+        "inducing_points": (partial(av.InducingPointAttention, n_inducing=64), "Set Transformer, 64 points"),
+        "poolingformer": (partial(av.PoolingformerAttention, window=128, pool_window=512, pool=4),
+                          "Poolingformer, window 128, pooled 512 / 4"),
     }
+
+
+def _routing(d_model: int, n_heads: int, place):
+    """The paper's choice of about sqrt(T) clusters (T the longest sequence), so clusters hold about sqrt(T)."""
+    from lightning_tfm.blocks.attention_variants import RoutingAttention
+
+    return RoutingAttention(d_model, n_heads, place, n_clusters=max(1, round(math.sqrt(place.max_len))), window=64)
+
+
+def _causal(name: str) -> bool:
+    """Whether a variant is measured causal: all but the bidirectional-only ones (and "full (bidir.)")."""
+    factory = variants()[name][0]
+    cls = factory.func if isinstance(factory, partial) else factory
+    supports = getattr(cls, "supports", None)
+    return name != "full (bidir.)" and (supports is None or supports.causal)
 
 
 def measure_one(name: str, length: int, repeats: int, threads: int) -> dict:
@@ -56,9 +82,10 @@ def measure_one(name: str, length: int, repeats: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    block = variants()[name][0](D_MODEL, N_HEADS, LayerPlace(causal=True, max_len=length))
+    causal = _causal(name)
+    block = variants()[name][0](D_MODEL, N_HEADS, LayerPlace(causal=causal, max_len=length))
     x = torch.randn(1, length, D_MODEL, requires_grad=True)
-    mask = AttentionMask(causal=True)
+    mask = AttentionMask(causal=causal)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(repeats):
@@ -82,15 +109,16 @@ def _fit(points: list[tuple[int, float]]) -> float | None:
 
 def summarise(records: list[dict]) -> dict:
     names = list(dict.fromkeys(r["variant"] for r in records))
-    full = {r["T"]: r["seconds"] for r in records if r["variant"] == "full"}
     summary = {}
     for name in names:
+        reference = "full" if _causal(name) else "full (bidir.)"      # compared with full attention of its kind
+        full = {r["T"]: r["seconds"] for r in records if r["variant"] == reference}
         rows = sorted((r for r in records if r["variant"] == name), key=lambda r: r["T"])
         faster = [r["T"] for r in rows if r["T"] in full and r["seconds"] < full[r["T"]]]
         crossover = next((t for t in faster if all(u in faster for u in full if u >= t)), None)
         summary[name] = {"time_exponent": _fit([(r["T"], r["seconds"]) for r in rows]),
                          "memory_exponent": _fit([(r["T"], r["peak_mib"]) for r in rows]),
-                         "crossover_T": None if name == "full" else crossover}
+                         "crossover_T": None if name.startswith("full") else crossover}
     return summary
 
 
@@ -103,7 +131,7 @@ def table(records: list[dict], summary: dict) -> str:
         cells = [f"{by[name, t]['seconds']:.3f} s / {by[name, t]['peak_mib']:.0f} MiB" if (name, t) in by else "-"
                  for t in lengths]
         exponents = [f"{e:.2f}" if e is not None else "-" for e in (s["time_exponent"], s["memory_exponent"])]
-        cross = "-" if name == "full" else (f"T={s['crossover_T']}" if s["crossover_T"] else "never")
+        cross = "-" if name.startswith("full") else (f"T={s['crossover_T']}" if s["crossover_T"] else "never")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {exponents[0]} | {exponents[1]} | {cross} |")
     return "\n".join(lines)
 
@@ -117,7 +145,9 @@ def plot(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in dict.fromkeys(r["variant"] for r in records):
         rows = sorted((r for r in records if r["variant"] == name), key=lambda r: r["T"])
-        style = dict(marker="o", linewidth=2.5 if name == "full" else 1.2, color="black" if name == "full" else None)
+        full = name.startswith("full")
+        style = dict(marker="o" if _causal(name) else "s", linestyle="-" if _causal(name) else "--",
+                     linewidth=2.5 if full else 1.2, color="black" if full else None)
         axes[0].loglog([r["T"] for r in rows], [r["seconds"] for r in rows], label=name, **style)
         axes[1].loglog([r["T"] for r in rows], [max(r["peak_mib"], 0.1) for r in rows], label=name, **style)
     for ax, what in zip(axes, ("seconds per forward + backward", "peak memory added (MiB)")):
@@ -125,7 +155,8 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"One causal attention block, d_model {D_MODEL}, {N_HEADS} heads, batch 1, CPU")
+    fig.suptitle(f"One attention block (solid: causal, dashed: bidirectional), d_model {D_MODEL}, {N_HEADS} heads, "
+                 "batch 1, CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
