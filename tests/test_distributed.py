@@ -21,6 +21,7 @@ import torch
 import yaml
 from commands import ROOT, cli_env, lightning_tfm, metrics
 
+from lightning_tfm.blocks.attention_variants import OnlineKMeans
 from lightning_tfm.checkpoints import load_checkpoint
 
 SST2, MT = ROOT / "configs/classification/sst2_small.yaml", ROOT / "configs/translation/multi30k_small.yaml"
@@ -201,7 +202,7 @@ def test_auxiliary_losses_and_per_step_updates_agree_under_ddp_and_gradient_accu
 def test_routing_centroids_identical_across_ddp_ranks(data, tmp_path):
     """Routing attention's k-means statistics are summed over the ranks before each centroid update, so both DDP
     ranks end with the same centroids (each rank updates its own copy after the last step), and they moved."""
-    routing = {"class_path": "lightning_tfm.blocks.attention_variants.routing.RoutingAttention",
+    routing = {"class_path": "lightning_tfm.blocks.attention_variants.RoutingAttention",
                "init_args": {"n_clusters": 2, "window": 2, "decay": 0.5, "commitment": 0.01}}
     data_args = {"train_path": str(data / "mt_train"), "val_path": str(data / "mt_val"),
                  "tokenizer_vocab_size": 1000, "max_tokens": 256}
@@ -216,7 +217,6 @@ def test_routing_centroids_identical_across_ddp_ranks(data, tmp_path):
     rank1 = torch.load(run / "weights.rank1.pt", weights_only=True)
     centroids = [key for key in rank0 if key.endswith("kmeans.centroids")]
     assert len(centroids) == 2                                          # the encoder's and the decoder's layer
-    from lightning_tfm.blocks.attention_variants.kmeans import OnlineKMeans
     initial = OnlineKMeans(n_heads=2, n_clusters=2, dim=16, seed=0).centroids
     for key in centroids:
         assert torch.equal(rank0[key], rank1[key]), key
