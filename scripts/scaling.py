@@ -143,11 +143,12 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(r["variant"] for r in records):
+    colors = plt.get_cmap("tab20").colors
+    for index, name in enumerate(dict.fromkeys(r["variant"] for r in records)):
         rows = sorted((r for r in records if r["variant"] == name), key=lambda r: r["T"])
         full = name.startswith("full")
         style = dict(marker="o" if _causal(name) else "s", linestyle="-" if _causal(name) else "--",
-                     linewidth=2.5 if full else 1.2, color="black" if full else None)
+                     linewidth=2.5 if full else 1.2, color="black" if full else colors[index % len(colors)])
         axes[0].loglog([r["T"] for r in rows], [r["seconds"] for r in rows], label=name, **style)
         axes[1].loglog([r["T"] for r in rows], [max(r["peak_mib"], 0.1) for r in rows], label=name, **style)
     for ax, what in zip(axes, ("seconds per forward + backward", "peak memory added (MiB)")):
