@@ -18,35 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from commands import ROOT, cli_env, lightning_tfm, metrics
+from ddp_configs import DDP, MT, SST2, tiny_config
 
-from lightning_tfm.blocks.attention_variants import OnlineKMeans
 from lightning_tfm.checkpoints import load_checkpoint
-
-SST2, MT = ROOT / "configs/classification/sst2_small.yaml", ROOT / "configs/translation/multi30k_small.yaml"
-DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", 2, "--trainer.strategy", "ddp"]
-
-
-def tiny_config(base: Path, tmp_path: Path, run: Path, data_args: dict, **trainer) -> Path:
-    """`base` with a 1-layer d_model 32 model, no dropout (so runs can be compared), the given data and
-    trainer settings, and every rank's final weights saved by the `SaveRankWeights` probe."""
-    config = yaml.safe_load(base.read_text())
-    model = config["model"]["init_args"]["model"]["init_args"]
-    model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0)
-    if "head_dropout" in config["model"]["init_args"]:
-        config["model"]["init_args"]["head_dropout"] = 0.0
-    config["data"]["init_args"].update(data_args)
-    config["trainer"].update(default_root_dir=str(run), enable_progress_bar=False, enable_model_summary=False,
-                             **trainer)
-    config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(run / "checkpoints"), "filename": "last", "enable_version_counter": False}},
-        {"class_path": "probes.SaveRankWeights", "init_args": {"folder": str(run)}},
-    ]
-    path = tmp_path / f"{run.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -172,53 +147,3 @@ def test_torchrun_two_nodes_on_loopback_train_together(data, sst2_slices, tmp_pa
     assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4
     (row,) = [r for r in metrics(run) if "val_acc" in r]                # one validation, logged once
     assert math.isfinite(row["val_loss"]) and 0 <= row["val_acc"] <= 1
-
-
-def test_auxiliary_losses_and_per_step_updates_agree_under_ddp_and_gradient_accumulation(data, tmp_path):
-    """A decoder with adaptive spans (span penalty in the loss, spans clamped after each optimizer step) trained
-    by two DDP ranks ends where one process accumulating the same two batches per step ends."""
-    span = {"class_path": "lightning_tfm.blocks.attention_variants.AdaptiveSpanAttention",
-            "init_args": {"max_span": 16, "ramp": 4, "init_span": 0.0, "span_penalty": 0.5}}
-    data_args = {"train_path": str(data / "mt_train"), "val_path": str(data / "mt_val"),
-                 "tokenizer_vocab_size": 1000, "max_tokens": 256}
-    weights = {}
-    for name, trainer, launch in (("ddp", {}, DDP), ("one", {"accumulate_grad_batches": 2}, ["--trainer.devices", 1])):
-        run = tmp_path / name
-        config = tiny_config(MT, tmp_path, run, data_args, max_steps=4, max_epochs=1, limit_val_batches=0,
-                             max_time=None, log_every_n_steps=1, **trainer)
-        settings = yaml.safe_load(config.read_text())
-        settings["model"]["init_args"]["model"]["init_args"]["decoder_attention"] = span
-        config.write_text(yaml.safe_dump(settings))
-        lightning_tfm("fit", "--config", config, *launch, timeout=300)
-        weights[name] = torch.load(run / "weights.rank0.pt", weights_only=True)
-        assert any("train_span_penalty" in row for row in metrics(run))
-    spans = [key for key in weights["ddp"] if key.endswith("self_attention.span")]
-    assert spans and all(0 <= weights["ddp"][key].min() and weights["ddp"][key].max() <= 1 for key in spans)
-    assert any((weights["ddp"][key] == 0).any() for key in spans)      # pushed below 0 by the penalty, clamped back
-    worst = max((weights["ddp"][key] - weights["one"][key]).abs().max().item() for key in weights["ddp"])
-    assert worst < 1e-6, f"DDP and accumulation differ by {worst:.2e}"
-
-
-def test_routing_centroids_identical_across_ddp_ranks(data, tmp_path):
-    """Routing attention's k-means statistics are summed over the ranks before each centroid update, so both DDP
-    ranks end with the same centroids (each rank updates its own copy after the last step), and they moved."""
-    routing = {"class_path": "lightning_tfm.blocks.attention_variants.RoutingAttention",
-               "init_args": {"n_clusters": 2, "window": 2, "decay": 0.5, "commitment": 0.01}}
-    data_args = {"train_path": str(data / "mt_train"), "val_path": str(data / "mt_val"),
-                 "tokenizer_vocab_size": 1000, "max_tokens": 256}
-    run = tmp_path / "routing"
-    config = tiny_config(MT, tmp_path, run, data_args, max_steps=3, max_epochs=1, limit_val_batches=0,
-                         max_time=None, log_every_n_steps=1)
-    settings = yaml.safe_load(config.read_text())
-    settings["model"]["init_args"]["model"]["init_args"]["attention"] = routing
-    config.write_text(yaml.safe_dump(settings))
-    lightning_tfm("fit", "--config", config, *DDP, timeout=300)
-    rank0 = torch.load(run / "weights.rank0.pt", weights_only=True)     # state_dict: buffers included
-    rank1 = torch.load(run / "weights.rank1.pt", weights_only=True)
-    centroids = [key for key in rank0 if key.endswith("kmeans.centroids")]
-    assert len(centroids) == 2                                          # the encoder's and the decoder's layer
-    initial = OnlineKMeans(n_heads=2, n_clusters=2, dim=16, seed=0).centroids
-    for key in centroids:
-        assert torch.equal(rank0[key], rank1[key]), key
-        assert (rank0[key] - initial).abs().max() > 1e-3, key
-    assert any("train_routing_commitment" in row for row in metrics(run))
