@@ -56,7 +56,10 @@ class AdaptiveSpanAttention(MultiHeadAttention):
     lambda / M * sum_h z_h per layer (§3.1; M heads), in training only. Keys further than the longest current
     span and its ramp, rounded up to `block` (the paper's code trims in steps of 64), are neither computed nor
     cached. Position biases (ALiBi) are evaluated on the gathered blocks only. The block is always causal (the
-    paper's form); bidirectional attention, cross-attention and kept weights are not supported.
+    paper's form); bidirectional attention and cross-attention are not supported.
+
+    `keep_weights` takes a dense explicit path and keeps the exact span-masked weights a_ij above, (B, H, T, S)
+    over the keys of the forward (a decoding step: the keys its `WindowCache` kept): zero beyond each head's span.
 
     Args:
         d_model: width of the residual stream.
@@ -71,8 +74,7 @@ class AdaptiveSpanAttention(MultiHeadAttention):
         bias: add biases to the projections.
     """
 
-    supports: ClassVar[Supports] = Supports(bidirectional=False, cross_attention=False, weights=False,
-                                            decoding="window")
+    supports: ClassVar[Supports] = Supports(bidirectional=False, cross_attention=False, decoding="window")
     block: ClassVar[int] = 64        # queries per block and rounding step of the key window
 
     def __init__(self, d_model: int, n_heads: int, place: LayerPlace = LayerPlace(), max_span: int = 1024,
@@ -123,10 +125,9 @@ class AdaptiveSpanAttention(MultiHeadAttention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None) -> Tensor:
         """Causal span-masked attention; q (B, H, T, D), k and v (B, Hkv, S, D) whose last key is the last
         query's own (earlier keys: a `WindowCache`'s)."""
-        if self.keep_weights:
-            raise ValueError("AdaptiveSpanAttention cannot keep attention weights (supports.weights is False); "
-                             "inspect weights with MultiHeadAttention")
         mask = mask or AttentionMask(causal=True)
+        if self.keep_weights:
+            return self._attend_keeping_weights(q, k, v, mask)
         B, H, T, D = q.shape
         S = k.shape[2]
         plan = self.plan(T, S)
@@ -141,6 +142,25 @@ class AdaptiveSpanAttention(MultiHeadAttention):
                                              dropout_p=self.dropout if self.training else 0.0,
                                              enable_gqa=self.n_kv_heads != self.n_heads)  # (B n, H, Bq, D)
         return out.view(B, n, H, Bq, D).transpose(1, 2).reshape(B, H, n * Bq, D)[:, :, :T]
+
+    def _attend_keeping_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        """The dense form of `attend` (O(T S) memory), which keeps the weights: log m joins the position bias and
+        the pairs with m = 0 or beyond max_span are masked out, so their weights are exactly 0."""
+        T, S = q.shape[2], k.shape[2]
+        key_start = mask.offset + T - S
+        k_pos = torch.arange(key_start, key_start + S, device=q.device)
+        distance = mask.query_positions(T, q.device)[:, None] - k_pos[None, :]                     # (T, S)
+        ramp = ((self._reach()[:, None, None] - distance) / self.ramp).clamp(0.0, 1.0)          # (H, T, S)
+        seen = (ramp > 0) & (distance >= 0) & (distance < self.max_span)
+        # clamp_min keeps the gradient finite where m = 0 (those pairs are masked)
+        log_m = ramp.clamp_min(torch.finfo(ramp.dtype).tiny).log()
+
+        def bias(q_pos: Tensor, k_pos: Tensor) -> Tensor:
+            return log_m if mask.bias is None else log_m + mask.bias(q_pos, k_pos).float()
+
+        span_mask = AttentionMask(mask.causal, mask.key_mask, mask.offset, bias)
+        dropout = self.dropout if self.training else 0.0
+        return self._attend_explicitly(q, k, v, span_mask, dropout, key_start, seen)
 
     def _block_bias(self, mask: AttentionMask, plan: SpanPlan, T: int, S: int, dtype: torch.dtype,
                     device: torch.device) -> Tensor:

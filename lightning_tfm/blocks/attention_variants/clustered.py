@@ -30,6 +30,9 @@ class ClusteredAttention(MultiHeadAttention):
     variant (i-clustered: the top-k keys of each cluster recomputed per query) is not implemented. Dropout
     drops a cluster's weights for all its queries together.
 
+    `keep_weights` keeps the weights each query actually uses, its centroid's A_c, as (B, H, T, S): the queries
+    of one cluster share a row, so the picture shows the clustering.
+
     Cost: O(T C D (iterations + 1)) to cluster and O(C S D) to attend, memory O(T C + C S) per head.
     Self-attention only (no cross-attention, no incremental decoding), bidirectional, no position bias;
     rotary positions rotate queries and keys before the clustering (a shift of every position rotates every
@@ -46,8 +49,7 @@ class ClusteredAttention(MultiHeadAttention):
         bias: add biases to the projections.
     """
 
-    supports: ClassVar[Supports] = Supports(causal=False, cross_attention=False, position_bias=False, weights=False,
-                                            decoding="none")
+    supports: ClassVar[Supports] = Supports(causal=False, cross_attention=False, position_bias=False, decoding="none")
 
     def __init__(self, d_model: int, n_heads: int, place: LayerPlace = LayerPlace(), n_clusters: int = 32,
                  iterations: int = 10, n_kv_heads: int | None = None, dropout: float = 0.0, bias: bool = True) -> None:
@@ -69,6 +71,8 @@ class ClusteredAttention(MultiHeadAttention):
         centroids = _cluster_means(q.float(), assign, real, min(self.n_clusters, T)).to(q.dtype)   # (B, H, C, D)
         dropout = self.dropout if self.training else 0.0
         out = self._attend_explicitly(centroids, k, v, AttentionMask(key_mask=mask.key_mask), dropout)  # (B,H,C,D)
+        if self.keep_weights:     # the centroids' (B, H, C, S) weights, one row per query
+            self.weights = self.weights.gather(2, assign[..., None].expand(B, H, T, self.weights.shape[-1]))
         return out.gather(2, assign[..., None].expand(B, H, T, D))                       # (B, H, T, D)
 
     @torch.no_grad()
@@ -86,9 +90,6 @@ class ClusteredAttention(MultiHeadAttention):
 
     def _check(self, q: Tensor, k: Tensor, mask: AttentionMask) -> None:
         name = type(self).__name__
-        if self.keep_weights:
-            raise ValueError(f"{name} cannot keep attention weights (supports.weights is False); inspect weights "
-                             "with MultiHeadAttention")
         if mask.causal or mask.bias is not None:
             raise ValueError(f"{name} is bidirectional and takes no position bias (supports.causal and "
                              "supports.position_bias are False)")

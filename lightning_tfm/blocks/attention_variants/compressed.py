@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention, Supports
+from lightning_tfm.blocks.attention_variants.compressed_weights import token_weights, visible_real
 from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.positions import apply_rotary
 
@@ -90,7 +91,13 @@ class MemoryCompressedAttention(MultiHeadAttention):
     Rotary positions rotate the keys before they are compressed. Decoding keeps the completed blocks and the raw
     keys of the incomplete one (`CompressedCache`) and equals the full forward. Logits and softmax are in fp32
     on the causal path; the bidirectional one runs `scaled_dot_product_attention` with a boolean mask. No
-    cross-attention, position bias (ALiBi) or kept weights.
+    cross-attention or position bias (ALiBi).
+
+    `keep_weights` keeps (B, H, T, S) weights over token positions (a decoding step: every position so far): a
+    slot's softmax weight is shared evenly by the real tokens it summarises, a raw key's (causal form) goes to its
+    token, pads get 0; rows sum to 1. At the mean-pooling initialisation out = A V exactly where every slot seen is
+    full (always in the causal form); a last, partial slot of n < r tokens holds their sum / r, yet shares its
+    weight as w / n, so that rows sum to 1.
 
     Args:
         d_model: width of the residual stream.
@@ -102,7 +109,7 @@ class MemoryCompressedAttention(MultiHeadAttention):
         bias: add biases to the projections and the convolutions.
     """
 
-    supports: ClassVar[Supports] = Supports(cross_attention=False, position_bias=False, weights=False)
+    supports: ClassVar[Supports] = Supports(cross_attention=False, position_bias=False)
 
     def __init__(self, d_model: int, n_heads: int, place: LayerPlace = LayerPlace(), compression: int = 3,
                  n_kv_heads: int | None = None, dropout: float = 0.0, bias: bool = True) -> None:
@@ -147,24 +154,38 @@ class MemoryCompressedAttention(MultiHeadAttention):
     def _attend_compressed(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask,
                            state: CompressedCache | None) -> Tensor:
         """q (B, H, T, D) over this step's k, v (B, Hkv, S, D) and what `state` kept -> (B, H, T, D)."""
-        if self.keep_weights:
-            raise ValueError("MemoryCompressedAttention cannot keep attention weights (supports.weights is False); "
-                             "inspect weights with MultiHeadAttention")
         S = k.shape[2]
         start = mask.offset + q.shape[2] - S                      # position of k's first key
+        first = start - (state.positions if state is not None and state.count is not None else 0)   # first visible
         real = None if mask.key_mask is None else mask.key_mask[:, start:start + S].to(k.device)
         c = self._compact(k, v, real, state, start + S)
         if mask.causal:     # no slot past positions // r can be complete
-            return self._causal(q, c, (start + S) // self.compression)
+            y = self._causal(q, c, (start + S) // self.compression)
+            if self.keep_weights:      # slots, then the own block's r - 1 raw keys
+                slots, near = self.weights.split([self.weights.shape[-1] - (self.compression - 1),
+                                                  self.compression - 1], -1)
+                self._keep_token_weights(slots, near, mask, first, start + S, c)
+            return y
         seen = torch.arange(c.comp_k.shape[2], device=q.device) * self.compression < c.count[:, None]   # (B, M)
         if real is None:
             seen = None
         else:   # a row of padding only sees its first block rather than nothing (NaN in some SDPA kernels)
             seen[:, 0] = True
-            seen = seen[:, None, None]
-        return F.scaled_dot_product_attention(q, c.comp_k, c.comp_v, attn_mask=seen,
-                                              dropout_p=self.dropout if self.training else 0.0,
+        dropout = self.dropout if self.training else 0.0
+        if self.keep_weights:
+            y = self._attend_explicitly(q, c.comp_k, c.comp_v, AttentionMask(key_mask=seen), dropout)
+            self._keep_token_weights(self.weights, None, mask, first, start + S, c)
+            return y
+        attn_mask = None if seen is None else seen[:, None, None]
+        return F.scaled_dot_product_attention(q, c.comp_k, c.comp_v, attn_mask=attn_mask, dropout_p=dropout,
                                               enable_gqa=self.n_kv_heads != self.n_heads)
+
+    def _keep_token_weights(self, slots: Tensor, near: Tensor | None, mask: AttentionMask, first: int, end: int,
+                            c: _Compacted) -> None:
+        """Keep the (B, H, T, end - first) token weights of slot weights (B, H, T, M) and raw-key weights
+        (B, H, T, r - 1) (causal form; None otherwise), over the visible positions first..end-1."""
+        real = visible_real(mask, first, end, slots.shape[0], slots.device)
+        self.weights = token_weights(slots, near, real, c.query_index, c.count, self.compression)
 
     def _compact(self, k: Tensor, v: Tensor, real: Tensor | None, state: CompressedCache | None,
                  positions: int) -> _Compacted:
@@ -251,6 +272,8 @@ class MemoryCompressedAttention(MultiHeadAttention):
                             near_logits.masked_fill(~near_seen, float("-inf"))], -1)
         # a query with nothing to see (a pad before any real token) gives zeros instead of NaN
         weights = torch.softmax(logits, -1).nan_to_num(0.0)
+        if self.keep_weights:
+            self.weights = weights.detach().reshape(B, H, T, -1)
         weights = F.dropout(weights, self.dropout, self.training).to(c.raw_v.dtype)
         far, near = weights.split([comp_k.shape[2], W], -1)
         y = torch.einsum("bkgtm,bkmd->bkgtd", far, comp_v) + torch.einsum("bkgtw,bktwd->bkgtd", near, near_v)

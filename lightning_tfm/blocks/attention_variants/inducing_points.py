@@ -34,7 +34,12 @@ class InducingPointAttention(MultiHeadAttention):
 
     The block has no positions: with padding on either side the real tokens' outputs are unchanged. It is
     bidirectional self-attention only: no causal form (H mixes every token), no cross-attention, no rotary
-    positions or position bias, no incremental decoding, no kept weights.
+    positions or position bias, no incremental decoding.
+
+    `keep_weights` keeps the composition A2 A1, (B, H, T, S): A2 (T, m) the tokens' weights over the slots of H
+    (per head), A1 (m, S) the inducing points' weights over the tokens, averaged over heads since every slot of H
+    concatenates all heads' summaries. Rows sum to 1 and pads get 0; it shows the routing through the m slots,
+    not an exact decomposition of the output (H passes through LayerNorm and rFF).
 
     Args:
         d_model: width of the residual stream.
@@ -47,7 +52,7 @@ class InducingPointAttention(MultiHeadAttention):
     """
 
     supports: ClassVar[Supports] = Supports(causal=False, cross_attention=False, rotary=False, position_bias=False,
-                                            weights=False, decoding="none")
+                                            decoding="none")
 
     def __init__(self, d_model: int, n_heads: int, place: LayerPlace = LayerPlace(), n_inducing: int = 32,
                  n_kv_heads: int | None = None, dropout: float = 0.0, bias: bool = True) -> None:
@@ -78,9 +83,12 @@ class InducingPointAttention(MultiHeadAttention):
         B, T, _ = x.shape
         q, k, v = self._split(self.qkv(x), B, T)                                     # (B, H or Hkv, T, D)
         h = self.summarise(k, v, mask.key_mask)                                      # (B, m, C)
+        to_slots = self.weights                                                      # A1 (B, H, m, S) if kept
         kv = self._heads(self.summary_kv(h), B, self.n_inducing, 2 * self.n_kv_heads)
         h_k, h_v = kv.chunk(2, dim=1)                                                # (B, Hkv, m, D) each
         y = self._attend_explicitly(q, h_k, h_v, AttentionMask(), self._dropout())   # (B, H, T, D)
+        if self.keep_weights:    # A2 (B, H, T, m) @ head-averaged A1 (B, 1, m, S)
+            self.weights = self.weights @ to_slots.mean(1, keepdim=True)
         return self.out(y.transpose(1, 2).reshape(B, T, self.q_width))
 
     def summarise(self, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
@@ -99,9 +107,6 @@ class InducingPointAttention(MultiHeadAttention):
     def _check(self, context: Tensor | None, mask: AttentionMask, state: DecodingState | None,
                rotary: tuple[Tensor, Tensor] | None) -> None:
         name = type(self).__name__
-        if self.keep_weights:
-            raise ValueError(f"{name} cannot keep attention weights (supports.weights is False); inspect weights "
-                             "with MultiHeadAttention")
         if context is not None or state is not None:
             raise ValueError(f"{name} is self-attention over a whole sequence: no cross-attention, no decoding")
         if mask.causal or mask.bias is not None or rotary is not None:

@@ -57,8 +57,12 @@ class LinearAttention(MultiHeadAttention):
     cast back to the values' dtype. Grouped-query attention repeats keys and values to the query heads.
 
     Positions must be absolute (added to the embeddings): rotary positions and position biases are not
-    supported, and neither is keeping attention weights. There are no attention weights to drop out, so
-    `dropout` must be 0.
+    supported. There are no attention weights to drop out, so `dropout` must be 0.
+
+    `keep_weights` takes an explicit O(T S) path and keeps the implied weights
+    A_ts = phi(q_t) . phi(k_s) / sum_s' phi(q_t) . phi(k_s') over the keys query t sees (causal: s <= t), the
+    (B, H, T, S) matrix with out = A V exactly. Only where the keys are given: a step that reads a recurrent
+    `LinearAttentionState` has no keys left to weigh and refuses `keep_weights`.
 
     Args:
         d_model: width of the residual stream.
@@ -73,7 +77,7 @@ class LinearAttention(MultiHeadAttention):
         bias: add biases to the projections.
     """
 
-    supports: ClassVar[Supports] = Supports(rotary=False, position_bias=False, weights=False, decoding="recurrent")
+    supports: ClassVar[Supports] = Supports(rotary=False, position_bias=False, decoding="recurrent")
 
     def __init__(self, d_model: int, n_heads: int, place: LayerPlace = LayerPlace(), chunk: int = 64,
                  eps: float = 1e-30, n_kv_heads: int | None = None, dropout: float = 0.0, bias: bool = True) -> None:
@@ -118,6 +122,9 @@ class LinearAttention(MultiHeadAttention):
             return super().forward(x, context, mask, state)
         mask = mask or AttentionMask(causal=True)
         self._check(mask)
+        if self.keep_weights:
+            raise ValueError(f"{type(self).__name__} cannot keep attention weights while decoding with a recurrent "
+                             "state (it keeps no keys); keep them in a forward without a state")
         if not mask.causal:
             raise ValueError(f"{type(self).__name__}: a recurrent state decodes causally only; got a non-causal mask")
         B, T, _ = x.shape
@@ -134,15 +141,17 @@ class LinearAttention(MultiHeadAttention):
         mask = mask or AttentionMask()
         self._check(mask)
         T, S = q.shape[2], k.shape[2]
+        if mask.causal and S < T:
+            raise ValueError(f"{type(self).__name__}: causal attention needs the queries' own keys; "
+                             f"got {T} queries and {S} keys")
         real = None if mask.key_mask is None else mask.key_mask[:, :S]
         with fp32(q):
             phi_q, phi_k, v32 = self._features(q, k, v, real)
-            if not mask.causal:
+            if self.keep_weights:
+                y = self._attend_keeping_weights(phi_q, phi_k, v32, mask.causal)
+            elif not mask.causal:
                 y = self._read(phi_q, phi_k.transpose(-2, -1) @ v32, phi_k.sum(2))
             else:
-                if S < T:
-                    raise ValueError(f"{type(self).__name__}: causal attention needs the queries' own keys; "
-                                     f"got {T} queries and {S} keys")
                 before = S - T                        # cached keys: every query sees them
                 S0 = phi_k[:, :, :before].transpose(-2, -1) @ v32[:, :, :before]
                 y, _, _ = self._causal(phi_q, phi_k[:, :, before:], v32[:, :, before:], S0, phi_k[:, :, :before].sum(2))
@@ -150,9 +159,6 @@ class LinearAttention(MultiHeadAttention):
 
     def _check(self, mask: AttentionMask) -> None:
         name = type(self).__name__
-        if self.keep_weights:
-            raise ValueError(f"{name} cannot keep attention weights (supports.weights is False); inspect weights "
-                             "with MultiHeadAttention")
         if mask.bias is not None:
             raise ValueError(f"{name} cannot take a position bias (supports.position_bias is False); use absolute "
                              "positions")
@@ -165,6 +171,17 @@ class LinearAttention(MultiHeadAttention):
             phi_k = phi_k * real[:, None, :, None].to(phi_k.device, phi_k.dtype)
         return (self.features(q, is_query=True), phi_k.repeat_interleave(group, dim=1),
                 v.float().repeat_interleave(group, dim=1))
+
+    def _attend_keeping_weights(self, phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        """The implied weights written out, (B, H, T, S), kept; phi(q) (B, H, T, F), phi(k) (B, H, S, F) zero at
+        padded keys, v (B, H, S, D), float32; causal queries are the last T keys' own -> (B, H, T, D)."""
+        T, S = phi_q.shape[2], phi_k.shape[2]
+        scores = phi_q @ phi_k.transpose(-2, -1)                                     # (B, H, T, S)
+        if causal:       # query t is key S - T + t
+            scores = scores.tril(S - T)
+        weights = scores / scores.sum(-1, keepdim=True).clamp_min(self.eps)
+        self.weights = weights.detach()
+        return weights @ v
 
     def _read(self, phi_q: Tensor, S: Tensor, z: Tensor) -> Tensor:
         """phi(q)^T S / phi(q)^T z: (B, H, T, F), (B, H, F, D), (B, H, F) -> (B, H, T, D)."""

@@ -28,8 +28,12 @@ class LinformerAttention(MultiHeadAttention):
     Xavier-uniform instead.
 
     Not causal, no cross-attention, no incremental decoding, no rotary positions or position bias (the
-    projection mixes positions, so rotary's relative form would not survive it), no kept weights: a model
-    refuses those combinations at construction, naming this class.
+    projection mixes positions, so rotary's relative form would not survive it): a model refuses those
+    combinations at construction, naming this class.
+
+    `keep_weights` keeps the token-level matrix A = P F, (B, H, T, S): P (T, k) the softmax over the projected
+    keys, F (k, S) the value projection (E when `share_kv`) with pads' columns zeroed, so out = A V exactly. Its
+    rows need not sum to 1 and its entries can be negative: F is any real matrix.
 
     Args:
         d_model: width of the residual stream.
@@ -43,7 +47,7 @@ class LinformerAttention(MultiHeadAttention):
     """
 
     supports: ClassVar[Supports] = Supports(causal=False, cross_attention=False, rotary=False, position_bias=False,
-                                            weights=False, decoding="none")
+                                            decoding="none")
 
     def __init__(self, d_model: int, n_heads: int, place: LayerPlace = LayerPlace(), projected_len: int = 256,
                  share_kv: bool = False, n_kv_heads: int | None = None, dropout: float = 0.0,
@@ -78,9 +82,6 @@ class LinformerAttention(MultiHeadAttention):
         S = k.shape[2]
         if mask.causal:
             raise ValueError("LinformerAttention cannot attend causally (supports.causal is False)")
-        if self.keep_weights:
-            raise ValueError("LinformerAttention cannot keep attention weights (supports.weights is False); "
-                             "inspect weights with MultiHeadAttention")
         if S > self.place.max_len:
             raise ValueError(f"LinformerAttention: a sequence of {S} positions is longer than max_len="
                              f"{self.place.max_len}, the columns of its projections E and F")
@@ -90,5 +91,18 @@ class LinformerAttention(MultiHeadAttention):
         project_v = self.project_k if self.project_v is None else self.project_v
         k = torch.einsum("ps,bhsd->bhpd", self.project_k[:, :S], k)                      # (B, Hkv, k, D)
         v = torch.einsum("ps,bhsd->bhpd", project_v[:, :S], v)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                              enable_gqa=self.n_kv_heads != self.n_heads)
+        dropout = self.dropout if self.training else 0.0
+        if self.keep_weights:
+            return self._attend_keeping_weights(q, k, v, project_v[:, :S], mask.key_mask, dropout)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads)
+
+    def _attend_keeping_weights(self, q: Tensor, k: Tensor, v: Tensor, project_v: Tensor, key_mask: Tensor | None,
+                                dropout: float) -> Tensor:
+        """The explicit softmax over the projected keys k, v (B, Hkv, k, D), keeping A = P F (B, H, T, S) with F
+        (k, S) the value projection; pads' columns are 0, as their values were zeroed."""
+        y = self._attend_explicitly(q, k, v, AttentionMask(), dropout)                     # keeps P (B, H, T, k)
+        project_v = project_v.detach().float()[None, None]                                 # (1, 1, k, S)
+        if key_mask is not None:
+            project_v = project_v * key_mask[:, None, None, :project_v.shape[-1]].to(project_v.device)  # (B, 1, k, S)
+        self.weights = self.weights @ project_v                                           # (B, H, T, S)
+        return y

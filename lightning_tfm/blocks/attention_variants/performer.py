@@ -47,6 +47,10 @@ class PerformerAttention(LinearAttention):
     redraws): every DDP rank draws the same matrix, and the layers of a model differ. The step count is a buffer
     too, so a resumed run continues the same sequence of matrices.
 
+    `keep_weights` keeps the implied weights A_ts = phi(q_t) . phi(k_s) / sum_s' phi(q_t) . phi(k_s') (causal:
+    s <= t), (B, H, T, S) with out = A V exactly, FAVOR+'s estimate of the softmax weights (as `LinearAttention`:
+    not while decoding with a recurrent state).
+
     Args:
         d_model: width of the residual stream.
         n_heads: query heads; must divide d_model.

@@ -38,7 +38,12 @@ class PoolingformerAttention(MultiHeadAttention):
     the level-2 window includes level 1's; the levels combine as y + z with y already through W_o (the paper
     adds its two levels' outputs; where exactly its output projections sit is our choice). Rotary positions
     rotate level 1's queries and keys only (a pooled slot has no single position; level 2 is located by its
-    window). No ALiBi, no causal form, no cross-attention, no incremental decoding, no kept weights.
+    window). No ALiBi, no causal form, no cross-attention, no incremental decoding.
+
+    `keep_weights` keeps (A1 + A2')/2, (B, H, T, S): A1 the level-1 window weights, A2' the level-2 weights of
+    each pooled slot spread evenly over its real positions (for max pooling too). Equal shares of the two levels
+    (out = y + z adds them): a picture of where each query reads, not an exact decomposition of the output
+    (level 2 reads y, not x). Rows sum to 1; zero outside what the two windows reach, and at pads.
 
     Limits (tested): with window >= T - 1, y is `MultiHeadAttention` with the same qkv/out weights; with also
     pool = 1 and pool_window >= T - 1, z is full attention over y with the level-2 weights.
@@ -58,8 +63,7 @@ class PoolingformerAttention(MultiHeadAttention):
         bias: add biases to the projections.
     """
 
-    supports: ClassVar[Supports] = Supports(causal=False, cross_attention=False, position_bias=False, weights=False,
-                                            decoding="none")
+    supports: ClassVar[Supports] = Supports(causal=False, cross_attention=False, position_bias=False, decoding="none")
     block: ClassVar[int] = 64        # queries per block (level 2: rounded to a multiple of `pool`)
 
     def __init__(self, d_model: int, n_heads: int, place: LayerPlace = LayerPlace(), window: int = 128,
@@ -97,9 +101,12 @@ class PoolingformerAttention(MultiHeadAttention):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         y = self.out(self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, self.q_width))     # level 1
+        level_1 = self.weights                                                                 # if kept
         q, k, v = self._split(self.pool_qkv(y), B, T)
         real = mask.key_mask if mask.key_mask is not None else x.new_ones(B, T, dtype=torch.bool)
         z = self.pooled_attention(q, k, v, real)                                               # level 2
+        if self.keep_weights:
+            self.weights = (level_1 + self.weights) / 2
         return y + self.pool_out(z.transpose(1, 2).reshape(B, T, self.q_width))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None) -> Tensor:
@@ -112,7 +119,7 @@ class PoolingformerAttention(MultiHeadAttention):
         r = torch.arange(query_block + 2 * reach, device=q.device)[None, :]      # key b*Bq - reach + r
         pattern = (r >= t) & (r <= t + 2 * reach)                                  # (Bq, K): |i - j| <= reach
         real = mask.key_mask if mask.key_mask is not None else q.new_ones(B, T, dtype=torch.bool)
-        return self._banded(q, k, v, real, pattern, query_block, query_block, reach)
+        return self._banded(q, k, v, real, pattern, query_block, query_block, reach)   # kept weights: (B, H, T, T)
 
     def pooled_attention(self, q: Tensor, k: Tensor, v: Tensor, real: Tensor) -> Tensor:
         """Level 2: query i sees the pooled slots p with (i - pool_window) // pool <= p <= (i + pool_window) //
@@ -126,7 +133,12 @@ class PoolingformerAttention(MultiHeadAttention):
         t = torch.arange(query_block, device=q.device)[:, None]
         r = torch.arange(left + (query_block - 1 + reach) // s + 1, device=q.device)[None, :] - left
         pattern = ((t - reach) // s <= r) & (r <= (t + reach) // s)               # (Bq, K), r relative to block
-        return self._banded(q, k, v, slot_real, pattern, query_block, query_block // s, left)
+        out = self._banded(q, k, v, slot_real, pattern, query_block, query_block // s, left)
+        if self.keep_weights:     # (B, H, T, P) -> (B, H, T, T): each slot's weight shared by its real positions
+            members = F.pad(real.float(), (0, -T % s)).view(real.shape[0], -1, s)                 # (B, P, s)
+            share = members / members.sum(-1, keepdim=True).clamp_min(1)
+            self.weights = (self.weights[..., None] * share[:, None, None]).flatten(-2)[..., :T]
+        return out
 
     def _banded(self, q: Tensor, k: Tensor, v: Tensor, key_real: Tensor, pattern: Tensor, query_block: int,
                 key_step: int, left: int) -> Tensor:
@@ -147,18 +159,30 @@ class PoolingformerAttention(MultiHeadAttention):
         q = F.pad(q, (0, 0, 0, n * query_block - T)).view(B, H, n, query_block, D).transpose(1, 2).flatten(0, 1)
         dropout = self.dropout if self.training else 0.0
         out = self._attend_explicitly(q, blocks(k), blocks(v), AttentionMask(), dropout, pattern=allowed[:, None])
+        if self.keep_weights:
+            self.weights = _unbanded(self.weights, B, key_step, left, T, N)
         return out.view(B, n, H, query_block, D).transpose(1, 2).reshape(B, H, n * query_block, D)[:, :, :T]
 
     def _check(self, context: Tensor | None, mask: AttentionMask, state: DecodingState | None) -> None:
         name = type(self).__name__
-        if self.keep_weights:
-            raise ValueError(f"{name} cannot keep attention weights (supports.weights is False); inspect weights "
-                             "with MultiHeadAttention")
         if context is not None or state is not None:
             raise ValueError(f"{name} is self-attention over a whole sequence: no cross-attention, no decoding")
         if mask.causal or mask.bias is not None:
             raise ValueError(f"{name} is bidirectional and takes no position bias (supports.causal and "
                              "supports.position_bias are False)")
+
+
+def _unbanded(weights: Tensor, B: int, key_step: int, left: int, T: int, N: int) -> Tensor:
+    """The weights of `_banded`'s blocks (B n, H, Bq, K), block b's key r being key b key_step - left + r, as
+    (B, H, T, N) over all keys (zeros where a block gathered nothing)."""
+    _, H, Bq, K = weights.shape
+    n = weights.shape[0] // B
+    weights = weights.view(B, n, H, Bq, K)
+    key = torch.arange(n, device=weights.device)[:, None] * key_step + torch.arange(K, device=weights.device)  # (n, K)
+    full = weights.new_zeros(B, n, H, Bq, max((n - 1) * key_step + K, left + N))    # keys from -left on
+    full.scatter_(-1, key[None, :, None, None].expand_as(weights), weights)
+    full = full.transpose(1, 2).reshape(B, H, n * Bq, -1)                  # (B, H, n Bq, keys from -left)
+    return full[:, :, :T, left:left + N]
 
 
 def _pool(x: Tensor, real: Tensor, pool: int, pooling: Pooling) -> tuple[Tensor, Tensor]:

@@ -37,8 +37,15 @@ def _set_spans(model, generator, high=0.5):
 
 
 def _paper_reference(attn, x, key_mask=None, bias=None, rotary=None):
+    """out(a v) with the paper's weights a (`_paper_weights`)."""
+    a, v = _paper_weights(attn, x, key_mask, bias, rotary)
+    B, T, C = x.shape
+    return attn.out((a @ v).transpose(1, 2).reshape(B, T, C))
+
+
+def _paper_weights(attn, x, key_mask=None, bias=None, rotary=None):
     """a_ij = m(i-j) exp(s_ij) / sum_k m(i-k) exp(s_ik), m(x) = clamp((R + z - x) / R, 0, 1) for x < max_span
-    (Sukhbaatar et al. 2019, eq. 2-3), over causal, unpadded keys; dense (T, T)."""
+    (Sukhbaatar et al. 2019, eq. 2-3), over causal, unpadded keys; dense (B, H, T, T), and v (B, H, T, D)."""
     B, T, C = x.shape
     H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).split([H * D, Hkv * D, Hkv * D], -1)
@@ -59,7 +66,7 @@ def _paper_reference(attn, x, key_mask=None, bias=None, rotary=None):
     m = ((attn.ramp + z - distance) / attn.ramp).clamp(0, 1) * (distance < attn.max_span)
     a = torch.softmax(s, -1) * m
     a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)      # a padded query may see no key with m > 0
-    return attn.out((a @ v).transpose(1, 2).reshape(B, T, C))
+    return a, v
 
 
 def _outputs_and_grads(forward, params, real, g):
@@ -246,7 +253,27 @@ def test_what_it_cannot_do_is_refused():
     with pytest.raises(ValueError, match=r"AdaptiveSpanAttention \(at layers.0.attention\) cannot attend "
                                          "bidirectionally"):
         EncoderOnly(50, **SMALL, attention=AdaptiveSpanAttention)
-    attn = AdaptiveSpanAttention(16, 4)
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_keeps_the_papers_renormalised_weights(n_kv_heads):
+    torch.manual_seed(0)
+    attn = EightBlocks(16, 4, max_span=16, ramp=4, n_kv_heads=n_kv_heads)
+    with torch.no_grad():
+        attn.span.copy_(torch.tensor([0.1, 0.37, 0.02, 0.6]))
+    x = torch.randn(3, 30, 16)
+    real = torch.ones(3, 30, dtype=torch.bool)
+    real[1, :5], real[2, 21:] = False, False                                   # one left-, one right-padded row
+    bias = ALiBiPositions(16, 4).position_bias()
+    mask = AttentionMask.build(real, causal=True, bias=bias)
     attn.keep_weights = True
-    with pytest.raises(ValueError, match="AdaptiveSpanAttention cannot keep attention weights"):
-        attn(torch.randn(1, 5, 16), mask=AttentionMask(causal=True))
+    with torch.no_grad():
+        got = attn(x, mask=mask)
+        a, _ = _paper_weights(attn, x, real, bias)
+        want = _paper_reference(attn, x, real, bias)
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+    rows = real[:, None].expand(-1, 4, -1)
+    torch.testing.assert_close(attn.weights[rows], a[rows], atol=1e-6, rtol=0)
+    distance = torch.arange(30)[:, None] - torch.arange(30)[None, :]
+    beyond = (distance < 0) | (distance >= attn._reach()[:, None, None])       # (H, T, T): m = 0
+    assert (attn.weights[beyond.expand(3, -1, -1, -1)] == 0).all()

@@ -26,14 +26,15 @@ def _compress(x, conv, r):
 
 def _reference(block, x, real, causal, rotary=None):
     """Row by row over its real tokens only (so indices count real tokens): compressed keys and values by conv1d,
-    then softmax over [compressed; raw] with the rule's mask. Zeros at padding."""
+    then softmax over [compressed; raw] with the rule's mask. Zeros at padding. Also returns the weights over
+    tokens (B, H, T, T): a slot's shared evenly by the real tokens it holds, a raw key's its own."""
     B, T, C = x.shape
     Hkv, Dh, r = block.n_kv_heads, block.head_dim, block.compression
     q, k, v = F.linear(x, block.qkv.weight, block.qkv.bias).split([H * Dh, Hkv * Dh, Hkv * Dh], -1)
     q, k, v = (t.view(B, T, -1, Dh).transpose(1, 2) for t in (q, k, v))
     if rotary is not None:
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-    out = []
+    out, weights = [], x.new_zeros(B, H, T, T)
     for b in range(B):
         idx = real[b].nonzero().squeeze(1)
         n = len(idx)
@@ -47,10 +48,14 @@ def _reference(block, x, real, causal, rotary=None):
         else:
             allowed = torch.cat([torch.ones(n, kc.shape[1], dtype=torch.bool), torch.zeros(n, n, dtype=torch.bool)], 1)
         logits = q[b][:, idx] @ keys.transpose(1, 2) / Dh ** 0.5                     # (H, n, M + n)
-        y = logits.masked_fill(~allowed, float("-inf")).softmax(-1) @ values       # (H, n, Dh)
+        a = logits.masked_fill(~allowed, float("-inf")).softmax(-1)                # (H, n, M + n)
+        y = a @ values                                                             # (H, n, Dh)
         row = x.new_zeros(T, C).index_copy(0, idx, block.out(y.transpose(0, 1).reshape(n, C)))
         out.append(row)
-    return torch.stack(out)
+        size = (n - torch.arange(kc.shape[1]) * r).clamp(max=r)                     # real tokens of each slot
+        shared = (a[..., :kc.shape[1]] / size)[..., torch.arange(n) // r] + a[..., kc.shape[1]:]   # (H, n, n)
+        weights[b, :, idx[:, None], idx[None, :]] = shared.detach()
+    return torch.stack(out), weights
 
 
 def _block(r, causal, n_kv_heads=None):
@@ -72,7 +77,7 @@ def test_equals_the_dense_reference_with_left_and_right_padding_outputs_and_grad
     real[1, 83:], real[2, :11] = False, False                 # right and left padding
     rotary = RotaryPositions(D, H).rotary(100) if rotate else None
     got = block(x, mask=AttentionMask(causal, real), rotary=rotary)
-    want = _reference(block, x, real, causal, rotary)
+    want, _ = _reference(block, x, real, causal, rotary)
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
     params = [x, block.qkv.weight, block.compress_k.weight, block.compress_v.bias]
     g = torch.randn_like(got[real])
@@ -172,12 +177,25 @@ def test_gradients_are_finite_under_bf16_autocast(causal):
     assert all(bool(g.isfinite().all()) for g in grads)
 
 
-def test_refuses_bad_arguments_cross_attention_and_kept_weights():
+def test_refuses_bad_arguments_and_cross_attention():
     with pytest.raises(ValueError, match="MemoryCompressedAttention: compression=0"):
         MemoryCompressedAttention(D, H, compression=0)
     with pytest.raises(ValueError, match="MemoryCompressedAttention"):
         EncoderDecoder(50, d_model=D, n_layers=1, n_heads=H, d_ff=64, cross_attention=MemoryCompressedAttention)
-    block = MemoryCompressedAttention(D, H)
+
+
+@pytest.mark.parametrize("r,causal,gqa", [(3, True, False), (4, True, True), (3, False, True), (4, False, False)])
+def test_keeps_the_references_weights_shared_by_the_tokens_of_each_slot(r, causal, gqa):
+    block = _block(r, causal, n_kv_heads=2 if gqa else None)
+    x = torch.randn(3, 50, D)                                 # 50: a partial last slot in rows 0 and 2
+    real = torch.ones(3, 50, dtype=torch.bool)
+    real[1, 42:], real[2, :7] = False, False                  # right and left padding
     block.keep_weights = True
-    with pytest.raises(ValueError, match="cannot keep attention weights"):
-        block(torch.randn(1, 5, D))
+    with torch.no_grad():
+        got = block(x, mask=AttentionMask(causal, real))
+        want, weights = _reference(block, x, real, causal)
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+    assert block.weights.shape == (3, H, 50, 50)
+    rows = real[:, None].expand(-1, H, -1)                    # real queries; pads' own rows are not defined
+    torch.testing.assert_close(block.weights[rows], weights[rows], atol=1e-6, rtol=0)
+    torch.testing.assert_close(block.weights[rows].sum(-1), torch.ones(int(rows.sum())), atol=1e-5, rtol=0)
