@@ -1,18 +1,23 @@
-"""Trainer callbacks: training throughput in tokens per second, writing predictions to a file, and opt-in
-`torch.compile`."""
+"""Trainer callbacks: training throughput in tokens per second, writing predictions to a file, opt-in
+`torch.compile`, and attention maps of a validation example logged as images at each validation."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_tfm.viz.recorder import AttentionRecorder, attention_groups
 
 
 def count_tokens(batch: Any) -> int:
@@ -143,3 +148,98 @@ class CompileModel(L.Callback):
         if stage == "fit" and isinstance(network, torch.nn.Module):
             network.compile(**self.options)
             rank_zero_info(f"CompileModel: {type(network).__name__} compiled with {self.options}")
+
+
+class AttentionMapImages(L.Callback):
+    """At the end of every validation, draw the attention maps of one validation example (the same each time,
+    taken from the first validation batch) and log each layer's picture as an image to the W&B and
+    TensorBoard loggers of the run. The PNGs are also written to `default_root_dir/attention_maps/step-N/`.
+    Only rank zero draws; only the chosen layers leave their fused attention path, and only for that one
+    example.
+
+        trainer:
+          callbacks:
+            - class_path: lightning_tfm.callbacks.AttentionMapImages
+              init_args: {attention: [cross], layers: [2]}
+
+    Args:
+        attention: which attention to draw: "encoder", "decoder", "cross"; None for every kind the model has.
+        layers: layer indices (negative counts from the last); None draws the last layer.
+        heads: heads to draw; None for all, in a grid.
+        example: which example of the first validation batch.
+        max_tokens: cut the example to this many tokens (language-model blocks are long).
+    """
+
+    def __init__(self, attention: list[str] | None = None, layers: list[int] | None = None,
+                 heads: list[int] | None = None, example: int = 0, max_tokens: int = 48) -> None:
+        if example < 0 or max_tokens < 2:
+            raise ValueError(f"AttentionMapImages: example={example} must be >= 0 and max_tokens={max_tokens} >= 2")
+        self.attention, self.layers, self.heads = attention, layers, heads
+        self.example, self.max_tokens = example, max_tokens
+        self._inputs: tuple[Tensor, ...] | None = None
+        self._labels: dict[str, tuple[list[str], list[str]]] = {}
+
+    def on_validation_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self._inputs is None and batch_idx == 0 and trainer.is_global_zero:
+            self._inputs = self._take_example(module, batch)
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self._inputs is None:
+            return
+        from lightning_tfm.viz.heatmaps import draw_heads  # matplotlib only in runs that draw
+
+        model = module.model
+        groups = self.attention or list(attention_groups(model))
+        selection = {g: _indices(self.layers, len(attention_groups(model)[g])) for g in groups}
+        recorder = AttentionRecorder(model, selection, self.heads)
+        with recorder, torch.no_grad():
+            model(*(x.to(module.device) for x in self._inputs))
+        folder = Path(trainer.default_root_dir) / "attention_maps" / f"step-{trainer.global_step}"
+        for group in groups:
+            queries, keys = self._labels[group]
+            for layer, maps in sorted(recorder.maps[group].items()):
+                key = f"attention/{group}_layer{layer}"
+                title = f"{group} attention, layer {layer}, step {trainer.global_step}"
+                path = draw_heads(maps[0], queries, keys, title, folder / f"{group}_layer{layer}.png")
+                _log_image(trainer, key, path)
+
+    def _take_example(self, module: L.LightningModule, batch: dict[str, Any]) -> tuple[Tensor, ...] | None:
+        """The example's unpadded inputs on the CPU, and the token labels of each attention kind."""
+        from lightning_tfm.viz.heatmaps import token_labels
+
+        row, tokenizer = self.example, module.tokenizer
+        groups = attention_groups(module.model)
+        if "cross" in groups:                                   # an encoder-decoder
+            src = batch["src"][row][batch["src_mask"][row]][: self.max_tokens].cpu()
+            tgt = batch["tgt"][row][batch["tgt_mask"][row]][: self.max_tokens + 1].cpu()
+            source, inputs, produced = (token_labels(tokenizer, ids) for ids in (src, tgt[:-1], tgt[1:]))
+            self._labels = {"encoder": (source, source), "decoder": (inputs, inputs), "cross": (produced, source)}
+            return src[None], tgt[None, :-1]
+        ids = batch["ids"][row]
+        if "mask" in batch:
+            ids = ids[batch["mask"][row]]
+        ids = ids[: self.max_tokens].cpu()
+        labels = token_labels(tokenizer, ids)
+        (group,) = groups
+        self._labels = {group: (labels, labels)}
+        return (ids[None],)
+
+
+def _indices(layers: Sequence[int] | None, n: int) -> list[int]:
+    chosen = [-1] if layers is None else layers
+    for i in chosen:
+        if not -n <= i < n:
+            raise ValueError(f"AttentionMapImages: layer {i} does not exist; the model has {n} layers")
+    return sorted({i % n for i in chosen})
+
+
+def _log_image(trainer: L.Trainer, key: str, path: Path) -> None:
+    import matplotlib.image
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+        elif isinstance(logger, TensorBoardLogger):
+            image = matplotlib.image.imread(path)[..., :3]          # RGBA -> RGB, floats in [0, 1]
+            logger.experiment.add_image(key, image, trainer.global_step, dataformats="HWC")

@@ -5,6 +5,8 @@
     lightning_tfm predict --config ... --ckpt_path best --data.predict_path prompts.txt --predictions.path out.txt
     lightning_tfm average runs/NAME/checkpoints/step-*.ckpt --last 5 --output runs/NAME/checkpoints/averaged.ckpt
     lightning_tfm export runs/NAME/checkpoints/best.ckpt --output exported/NAME
+    lightning_tfm attention runs/NAME/checkpoints/best.ckpt --text "..." --output pictures/NAME
+    lightning_tfm plot patterns | positions | schedule | curves | scaling ...
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ blocks (by class_path inside a model):  attention MultiHeadAttention; feedforwar
 
 Average checkpoints (paper §6.1):  lightning_tfm average CKPT [CKPT ...] [--last N] --output FILE
 Export for prediction anywhere:     lightning_tfm export CKPT --output DIR   (then predict --config DIR/config.yaml)
+Attention maps of a checkpoint:     lightning_tfm attention CKPT --text TEXT [--attention cross] [--rollout]
+Pictures of a config or a run:      lightning_tfm plot {patterns,positions,schedule,curves,scaling} --help
 Fine-tune:  model.init_args.init_from (a checkpoint, an export or a Hugging Face folder), model.init_args.finetune
 
 Show every option of a class:  lightning_tfm fit --model.help lightning_tfm.tasks.TranslationModule
@@ -173,6 +177,12 @@ def main(args: list[str] | None = None) -> None:
         return average(argv[1:])
     if argv[:1] == ["export"]:
         return export(argv[1:])
+    if argv[:1] == ["attention"]:
+        from lightning_tfm.viz.attention_command import attention  # matplotlib only when drawing
+        return attention(argv[1:])
+    if argv[:1] == ["plot"]:
+        from lightning_tfm.viz.plot_command import plot
+        return plot(argv[1:])
     torch.set_float32_matmul_precision("high")
     # W&B without an account or network: offline runs on disk (`wandb sync` uploads them); WANDB_MODE=online
     # logs live, WANDB_MODE=disabled turns it off

@@ -93,7 +93,7 @@ def measure_one(name: str, length: int, repeats: int, threads: int) -> dict:
         block(x, mask=mask).sum().backward()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": name, "T": length, "seconds": sorted(times)[len(times) // 2],
+    return {"variant": name, "T": length, "causal": causal, "seconds": sorted(times)[len(times) // 2],
             "peak_mib": (peak - before) / 1024}
 
 
@@ -137,29 +137,10 @@ def table(records: list[dict], summary: dict) -> str:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    import matplotlib
+    """The log-log plot of `lightning_tfm plot scaling`, with this script's block sizes in the title."""
+    from lightning_tfm.viz.scaling_plot import TITLE, draw_scaling
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.get_cmap("tab20").colors
-    for index, name in enumerate(dict.fromkeys(r["variant"] for r in records)):
-        rows = sorted((r for r in records if r["variant"] == name), key=lambda r: r["T"])
-        full = name.startswith("full")
-        style = dict(marker="o" if _causal(name) else "s", linestyle="-" if _causal(name) else "--",
-                     linewidth=2.5 if full else 1.2, color="black" if full else colors[index % len(colors)])
-        axes[0].loglog([r["T"] for r in rows], [r["seconds"] for r in rows], label=name, **style)
-        axes[1].loglog([r["T"] for r in rows], [max(r["peak_mib"], 0.1) for r in rows], label=name, **style)
-    for ax, what in zip(axes, ("seconds per forward + backward", "peak memory added (MiB)")):
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel(what)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"One attention block (solid: causal, dashed: bidirectional), d_model {D_MODEL}, {N_HEADS} heads, "
-                 "batch 1, CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    draw_scaling(records, path, f"{TITLE}, d_model {D_MODEL}, {N_HEADS} heads, CPU")
 
 
 def main() -> None:

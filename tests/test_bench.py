@@ -24,3 +24,13 @@ def test_bench_tiny_writes_a_record_for_every_measurement(tmp_path):
         expected = r["peer"] / r["ours"] if r["unit"] == "MiB" else r["ours"] / r["peer"]
         assert abs(r["ratio"] - expected) <= 1e-6 * expected, r
     assert "MFU: skipped" in proc.stdout + proc.stderr or any("MFU" in n for n in names)
+
+
+def test_bench_maps_tiny_measures_maps_against_no_maps_and_transformers(tmp_path):
+    out = tmp_path / "maps.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_maps.py", "--tiny", "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert [r["name"].split(":")[0] for r in records] == ["forward"] * 2 + ["forward with maps", "forward without maps"]
+    assert all(r["ours"] > 0 and r["peer"] > 0 for r in records)

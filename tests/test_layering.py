@@ -14,7 +14,7 @@ ALLOWED = {
     "tasks": {"blocks", "models", "decoding", "data", "finetune", "checkpoints"},
     "finetune": {"blocks", "models", "checkpoints"},
     "checkpoints": {"models", "blocks"},
-    "viz": {"models", "blocks", "data", "tasks"},
+    "viz": {"models", "blocks", "data", "tasks", "finetune", "checkpoints"},
     "callbacks": {"viz"},
 }
 NEVER_LIGHTNING = {"blocks", "models", "decoding"}
