@@ -28,8 +28,8 @@ def test_bench_tiny_writes_a_record_for_every_measurement(tmp_path):
 
 def test_bench_maps_tiny_measures_maps_against_no_maps_and_transformers(tmp_path):
     out = tmp_path / "maps.json"
-    proc = subprocess.run([sys.executable, "scripts/bench_maps.py", "--tiny", "--threads", "1", "--json", str(out)],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--only", "maps", "--tiny", "--threads", "1", "--json",
+                           str(out)], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())["records"]
     assert [r["name"].split(":")[0] for r in records] == ["forward"] * 2 + ["forward with maps", "forward without maps"]
