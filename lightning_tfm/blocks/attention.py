@@ -58,6 +58,9 @@ class Supports:
         decoding: how it decodes incrementally: "kv_cache" (keys and values of every earlier position),
             "window" (only the last keys and values it can still see), "recurrent" (a fixed-size state), or
             "none" (it cannot decode step by step).
+        shared_memory: in cross-attention, g consecutive query rows (a sentence's beams) can read one row of
+            the context and of its decoding state: x (B g, T, C) against context (B, S, C) and a (B, S) key
+            mask. Off unless a block says so; a model then copies the encoder side once per row.
     """
 
     causal: bool = True
@@ -68,6 +71,7 @@ class Supports:
     position_bias: bool = True
     weights: bool = True
     decoding: Literal["kv_cache", "window", "recurrent", "none"] = "kv_cache"
+    shared_memory: bool = False
 
 
 class Attention(nn.Module):
@@ -75,7 +79,8 @@ class Attention(nn.Module):
     `(d_model, n_heads, place) -> Attention` (a class, or a class with its other arguments set in YAML).
 
     The forward contract: `forward(x, context=None, mask=None, state=None, rotary=None) -> (B, T, C)`.
-    Self-attention when `context` is None, cross-attention to `context` (B, S, C) otherwise. A block also
+    Self-attention when `context` is None, cross-attention to `context` (B, S, C) otherwise (or to fewer rows,
+    each serving a group of rows of x, if `supports.shared_memory`). A block also
     says what it supports (`supports`), what it keeps while decoding (`new_state`), which of its projections
     write into the residual stream (`residual_projections`, for scaled initialisation), the auxiliary losses
     it adds in training (`auxiliary_losses`) and what it updates once per optimizer step
@@ -165,6 +170,8 @@ class MultiHeadAttention(Attention):
 
     Self-attention projects x once into q, k and v. Cross-attention projects queries from x and keys and
     values from `context` with the two slices of the same weight, so both uses share one parameter layout.
+    A context with fewer rows than x serves consecutive groups of rows (`Supports.shared_memory`): the g
+    beams of a sentence become g T queries on its keys, which are projected and kept once, not g times.
 
     Args:
         d_model: width of the residual stream.
@@ -174,6 +181,8 @@ class MultiHeadAttention(Attention):
         dropout: dropout on the attention weights, in [0, 1).
         bias: add biases to the projections.
     """
+
+    supports: ClassVar[Supports] = Supports(shared_memory=True)
 
     def __init__(self, d_model: int, n_heads: int, place: LayerPlace = LayerPlace(), n_kv_heads: int | None = None,
                  dropout: float = 0.0, bias: bool = True) -> None:
@@ -189,8 +198,9 @@ class MultiHeadAttention(Attention):
                 state: DecodingState | None = None, rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Args:
             x: (B, T, C) queries' inputs.
-            context: (B, S, C) keys' and values' inputs for cross-attention; None for self-attention.
-            mask: which keys each query sees; None for all.
+            context: (B', S, C) keys' and values' inputs for cross-attention, B' = B or B' dividing B (each row
+                then serves B / B' consecutive rows of x); None for self-attention.
+            mask: which keys each query sees (a (B', S) key mask in cross-attention); None for all.
             state: this block's decoding state (`new_state`): earlier keys and values, or the projected memory.
             rotary: (cos, sin) (T, D) of the query positions, for rotary position embeddings.
         Returns:
@@ -204,16 +214,28 @@ class MultiHeadAttention(Attention):
             if state is not None:
                 k, v = state.append(k, v)                                     # (B, Hkv, L + T, D)
         else:
-            q = self._heads(project_rows(self.qkv, x, 0, self.q_width), B, T, self.n_heads)
-            if state is not None and state.k is not None:
-                k, v = state.k, state.v
-            else:
-                kv = project_rows(self.qkv, context, self.q_width, None)
-                k, v = self._heads(kv, B, context.shape[1], 2 * self.n_kv_heads).chunk(2, dim=1)
-                if state is not None:
-                    state.store(k, v)
-        y = self.attend(q, k, v, mask)                                            # (B, H, T, D)
+            q, k, v = self._cross(x, context, state)                           # q (B', H, B / B' T, D)
+        y = self.attend(q, k, v, mask)                                            # (B or B', H, T or B / B' T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, self.q_width))
+
+    def _cross(self, x: Tensor, context: Tensor, state: DecodingState | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries from x (B, T, C), keys and values from context (B', S, C) or from the state that kept them.
+        Cross-attention sees no positions or causality, so the B / B' rows sharing a context row can be one
+        longer query sequence: x (B, T, C) -> (B', B / B' T, C), a free view."""
+        B, T, C = x.shape
+        rows = context.shape[0]
+        if B % rows:
+            raise ValueError(f"{type(self).__name__}: {B} query rows cannot share a context of {rows} rows; "
+                             f"the context needs one row per query row or per group of rows")
+        x = x.reshape(rows, B // rows * T, C)                                     # (B', g T, C)
+        q = self._heads(project_rows(self.qkv, x, 0, self.q_width), rows, x.shape[1], self.n_heads)
+        if state is not None and state.k is not None:
+            return q, state.k, state.v
+        kv = project_rows(self.qkv, context, self.q_width, None)
+        k, v = self._heads(kv, rows, context.shape[1], 2 * self.n_kv_heads).chunk(2, dim=1)   # (B', Hkv, S, D)
+        if state is not None:
+            state.store(k, v)
+        return q, k, v
 
     def _split(self, qkv: Tensor, B: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
         heads = self._heads(qkv, B, T, self.n_heads + 2 * self.n_kv_heads)       # (B, H + 2Hkv, T, D)

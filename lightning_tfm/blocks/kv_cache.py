@@ -92,7 +92,8 @@ class WindowCache:
 
 
 class MemoryCache:
-    """The keys and values a cross-attention block projected from the encoder output, once per sentence."""
+    """The keys and values a cross-attention block projected from the encoder output: one row per sentence
+    when its beams share them (`Supports.shared_memory`), else one per decoded row."""
 
     def __init__(self) -> None:
         self.k: Tensor | None = None
@@ -123,17 +124,18 @@ class DecoderCache:
         """Count n more decoded positions (the next token's offset)."""
         self.length += n
 
-    def reorder(self, index: Tensor) -> None:
-        """Follow beam search's choice of parent hypotheses (B,) within each sentence.
+    def reorder(self, index: Tensor, memory_index: Tensor | None = None) -> None:
+        """Follow beam search: self-attention states take rows `index` (R,), the parent of each new row.
 
-        Cross-attention states are left alone: all beams of a sentence share the same encoder output.
+        Cross-attention states take rows `memory_index` when given (sentences expanded to beams or dropped);
+        otherwise they stay, since the parents are beams of the same sentence, which share the encoder output.
         """
         for state in self.self_attn:
             state.select(index)
+        if memory_index is not None:
+            for state in self.cross_attn or []:
+                state.select(memory_index)
 
     def select(self, index: Tensor) -> None:
         """Keep or repeat whole rows, self- and cross-attention alike (e.g. expand sentences to beams)."""
-        self.reorder(index)
-        for state in self.cross_attn or []:
-            state.select(index)
-
+        self.reorder(index, index)

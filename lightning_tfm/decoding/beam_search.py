@@ -1,6 +1,7 @@
 """Batched beam search with GNMT's length penalty (Wu et al. 2016, §7), defaults from "Attention Is All You
 Need" (Vaswani et al. 2017, §6.1: beam 4, alpha 0.6, at most input length + 50 tokens). All bookkeeping of
-the B sentences x k beams is done on tensors; the model is only seen through `Step` and `Reorder`."""
+the B sentences x k beams is done on tensors; the model is only seen through `Step` and `Reorder`. As in
+CTranslate2, the first step runs once per sentence and settled sentences leave the batch."""
 
 from __future__ import annotations
 
@@ -80,12 +81,14 @@ def beam_search(step: Step, reorder: Reorder, prefix: Tensor, eos_id: int, max_l
     With alpha = 0 the bound is s itself, so the search stops as soon as no live hypothesis is better; with
     beam_size 1 it then equals greedy search (tested).
 
-    The search feeds all B * k rows until every sentence has stopped; settled sentences' rows are ignored.
+    The model computes only what can still change the result, as CTranslate2 does: the first step runs on
+    one row per sentence (its k beams would be identical), and a sentence that stops leaves the batch, so
+    later steps run on the k rows of each sentence still searching.
 
     Args:
         step: feeds tokens, returns (rows, V) next-token log-probabilities (normalized, <= 0; see `Step`).
-        reorder: rearranges the rows of the model state (see `Reorder`). It is first called with each
-            sentence's row repeated k times (B -> B * k rows), then after every step with the parents.
+        reorder: rearranges the rows of the model state (see `Reorder`): after the first step from one row
+            per sentence to its k beams, then after every step to the parents, without settled sentences.
         prefix: (B,) start tokens (BOS) or (B, t) prefixes, one per sentence.
         eos_id: the end-of-sequence id.
         max_len: most tokens to generate, EOS included: an int or (B,) per sentence (e.g. source length + 50).
@@ -108,30 +111,41 @@ def beam_search(step: Step, reorder: Reorder, prefix: Tensor, eos_id: int, max_l
     prefix = _prefix_2d(prefix)
     B, k, device = prefix.shape[0], beam_size, prefix.device
     limits = _row_limits(max_len, B, device)
-    reorder(torch.arange(B, device=device).repeat_interleave(k))            # each sentence's state -> its k beams
-    log_probs = step(prefix.repeat_interleave(k, dim=0))                    # (B k, V)
+    log_probs = step(prefix)                                                # (B, V), one row per sentence
     if not 0 <= eos_id < log_probs.shape[-1]:
         raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {log_probs.shape[-1]}) of step's output")
     dtype = torch.promote_types(log_probs.dtype, torch.float32)
-    beams = _Beams.start(B, k, n_best, int(limits.max()), dtype, pad_id, device)
-    first_row = torch.arange(B, device=device)[:, None] * k                 # (B, 1)
+    beams = _Beams.start(limits, k, n_best, int(limits.max()), dtype, pad_id)
+    found = _Beams.start(limits, 0, n_best, int(limits.max()), dtype, pad_id)     # no live ones: the result
+    sentences = torch.arange(B, device=device)                              # (B',) those still searching
+    rows = 1                                                                # rows per sentence in the state
     for n in range(1, int(limits.max()) + 1):
-        parents, tokens = beams.advance(log_probs.reshape(B, k, -1), n, limits, eos_id, alpha)
-        if bool(beams.settled.all()):
+        parents, tokens, settled = beams.advance(log_probs.view(len(sentences), rows, -1), n, eos_id, alpha)
+        # (B', k) rows of the parents; before the expansion a sentence's one row is the parent of all its beams
+        parent_rows = torch.arange(len(sentences), device=device)[:, None] * rows + parents.clamp(max=rows - 1)
+        n_settled = int(settled.sum())
+        if n_settled:
+            found.store(sentences[settled], beams, settled)
+        if n_settled == len(sentences):
             break
-        reorder((first_row + parents).view(-1))                              # (B k,) row of each parent
-        log_probs = step(tokens.view(-1, 1))
-    return beams.result(pad_id)
+        if n_settled:
+            keep = (~settled).nonzero().squeeze(1)                          # (B'',) settled sentences leave
+            beams.keep(keep)
+            sentences, parent_rows, tokens = sentences[keep], parent_rows[keep], tokens[keep]
+        reorder(parent_rows.view(-1), k)
+        rows = k
+        log_probs = step(tokens.view(-1, 1))                                # (B'' k, V)
+    return found.result(pad_id)
 
 
 @dataclass
 class _Beams:
-    """The search state of B sentences with k beams each, N best finished kept, at most L tokens.
+    """The search state of B' sentences with k beams each, N best finished kept, at most L tokens.
 
-    live_tokens: (B, k, L) the live hypotheses, pad_id after their current length.
-    live_scores: (B, k) their summed log-probabilities; -inf marks an empty slot.
-    finished_tokens: (B, N, L), finished_scores (B, N) normalized (-inf: empty), finished_lengths (B, N).
-    settled: (B,) sentences whose N best can no longer change.
+    live_tokens: (B', k, L) the live hypotheses, pad_id after their current length.
+    live_scores: (B', k) their summed log-probabilities; -inf marks an empty slot.
+    finished_tokens: (B', N, L), finished_scores (B', N) normalized (-inf: empty), finished_lengths (B', N).
+    limits: (B',) most tokens each sentence may generate.
     """
 
     live_tokens: Tensor
@@ -139,54 +153,65 @@ class _Beams:
     finished_tokens: Tensor
     finished_scores: Tensor
     finished_lengths: Tensor
-    settled: Tensor
+    limits: Tensor
 
     @classmethod
-    def start(cls, B: int, k: int, N: int, L: int, dtype: torch.dtype, pad_id: int,
-              device: torch.device) -> _Beams:
+    def start(cls, limits: Tensor, k: int, N: int, L: int, dtype: torch.dtype, pad_id: int) -> _Beams:
+        B, device = len(limits), limits.device
         live_scores = torch.full((B, k), _NEG_INF, dtype=dtype, device=device)
-        live_scores[:, 0] = 0.0                     # one empty hypothesis; k copies would fill the beam with twins
+        live_scores[:, :1] = 0.0                    # one empty hypothesis; k copies would fill the beam with twins
         return cls(torch.full((B, k, L), pad_id, dtype=torch.long, device=device), live_scores,
                    torch.full((B, N, L), pad_id, dtype=torch.long, device=device),
                    torch.full((B, N), _NEG_INF, dtype=dtype, device=device),
-                   torch.zeros(B, N, dtype=torch.long, device=device),
-                   torch.zeros(B, dtype=torch.bool, device=device))
+                   torch.zeros(B, N, dtype=torch.long, device=device), limits)
 
-    def advance(self, log_probs: Tensor, n: int, limits: Tensor, eos_id: int, alpha: float) -> tuple[Tensor, Tensor]:
-        """Extend every live hypothesis to length n with log_probs (B, k, V); return the (B, k) parent beam
-        and token of each new live hypothesis."""
-        B, k, V = log_probs.shape
-        candidates = (self.live_scores[..., None] + log_probs).view(B, k * V)   # (B, k V) all extensions
-        at_limit = (n >= limits)[:, None]                                       # (B, 1)
-        best, index = candidates.topk(k, dim=-1)                                # (B, k) the new beam
+    def advance(self, log_probs: Tensor, n: int, eos_id: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Extend every live hypothesis to length n with log_probs (B', k, V), or (B', 1, V) when all beams
+        share them; return the (B', k) parent beam and token of each new live hypothesis, and the (B',)
+        sentences whose N best can no longer change."""
+        B, k = self.live_scores.shape
+        V = log_probs.shape[-1]
+        candidates = (self.live_scores[..., None] + log_probs).view(B, k * V)   # (B', k V) all extensions
+        at_limit = (n >= self.limits)[:, None]                                  # (B', 1)
+        best, index = candidates.topk(k, dim=-1)                                # (B', k) the new beam
         ending = (index % V == eos_id) | at_limit
         self._finish(best.masked_fill(~ending, _NEG_INF), index // V, index % V, n, alpha)
         is_eos = torch.arange(k * V, device=candidates.device) % V == eos_id    # (k V,)
-        best, index = candidates.masked_fill(is_eos, _NEG_INF).topk(k, dim=-1)  # (B, k) the k best that go on
+        best, index = candidates.masked_fill(is_eos, _NEG_INF).topk(k, dim=-1)  # (B', k) the k best that go on
         parents, tokens = index // V, index % V
         self.live_tokens = _extended(self.live_tokens, parents, tokens, n)
         self.live_scores = best.masked_fill(at_limit, _NEG_INF)
-        self._settle(n, limits, alpha)
-        return parents, tokens
+        return parents, tokens, self._settled(n, alpha)
 
     def _finish(self, scores: Tensor, parents: Tensor, tokens: Tensor, n: int, alpha: float) -> None:
-        """Merge the k extensions (B, k) of length n into the N best; scores are summed log-probabilities,
+        """Merge the k extensions (B', k) of length n into the N best; scores are summed log-probabilities,
         -inf for extensions that do not finish."""
         N, L = self.finished_scores.shape[1], self.live_tokens.shape[2]
         normalized = scores / length_penalty(n, alpha).to(scores)
-        merged_scores = torch.cat([self.finished_scores, normalized], dim=1)                    # (B, N + k)
+        merged_scores = torch.cat([self.finished_scores, normalized], dim=1)                    # (B', N + k)
         merged_tokens = torch.cat([self.finished_tokens, _extended(self.live_tokens, parents, tokens, n)], dim=1)
         merged_lengths = torch.cat([self.finished_lengths, torch.full_like(parents, n)], dim=1)
-        self.finished_scores, keep = merged_scores.topk(N, dim=-1)                             # (B, N)
+        self.finished_scores, keep = merged_scores.topk(N, dim=-1)                             # (B', N)
         self.finished_tokens = merged_tokens.gather(1, keep[..., None].expand(-1, -1, L))
         self.finished_lengths = merged_lengths.gather(1, keep)
 
-    def _settle(self, n: int, limits: Tensor, alpha: float) -> None:
-        """Stop the sentences whose N-th best finished score no live hypothesis can beat."""
-        best_live = self.live_scores.max(dim=-1).values                                        # (B,)
-        largest_lp = torch.maximum(length_penalty(n + 1, alpha), length_penalty(limits, alpha))
-        self.settled |= self.finished_scores[:, -1] >= best_live / largest_lp.to(best_live)
-        self.live_scores = self.live_scores.masked_fill(self.settled[:, None], _NEG_INF)
+    def _settled(self, n: int, alpha: float) -> Tensor:
+        """(B',) the sentences at their limit, or whose N-th best finished score no live hypothesis can beat."""
+        best_live = self.live_scores.max(dim=-1).values                                        # (B',)
+        largest_lp = torch.maximum(length_penalty(n + 1, alpha), length_penalty(self.limits, alpha))
+        return (self.finished_scores[:, -1] >= best_live / largest_lp.to(best_live)) | (n >= self.limits)
+
+    def keep(self, index: Tensor) -> None:
+        """Keep sentences `index` (B'',) only."""
+        for name in ("live_tokens", "live_scores", "finished_tokens", "finished_scores", "finished_lengths",
+                     "limits"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+
+    def store(self, rows: Tensor, beams: _Beams, which: Tensor) -> None:
+        """Copy the finished hypotheses of `beams`' sentences `which` (B',) bool into this state's `rows`."""
+        self.finished_tokens[rows] = beams.finished_tokens[which]
+        self.finished_scores[rows] = beams.finished_scores[which]
+        self.finished_lengths[rows] = beams.finished_lengths[which]
 
     def result(self, pad_id: int) -> BeamSearchResult:
         found = self.finished_scores > _NEG_INF                                                # (B, N)

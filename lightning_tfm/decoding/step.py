@@ -13,24 +13,30 @@ from torch import Tensor
 class Step(Protocol):
     """Feed tokens to the model and return the scores of the next token.
 
-    The first call gets the whole prefix (B, t); each later call gets the one token (B, 1) chosen for every
-    row, so the closure appends to its cache instead of recomputing the prefix.
+    The first call gets the whole prefix (B, t), one row per sentence; each later call gets the one token
+    (R, 1) chosen for every row, in the rows `Reorder` arranged, so the closure appends to its cache instead
+    of recomputing the prefix.
     """
 
     def __call__(self, tokens: Tensor) -> Tensor:
-        """(B, t) new token ids -> (B, V) next-token log-probabilities (`sample` also accepts logits)."""
+        """(R, t) new token ids -> (R, V) next-token log-probabilities (`sample` also accepts logits)."""
         ...
 
 
 class Reorder(Protocol):
-    """Rearrange the rows of the model state: afterwards row i is a copy of the old row index[i].
+    """Rearrange the rows of the model state: afterwards row i continues the old row index[i].
 
-    Beam search calls it once with `expand_index`-like rows to give each sentence its beams (B -> B*k
-    rows), then after every step with the parent of each surviving hypothesis.
+    The searches keep the rows grouped by sentence: `beams` consecutive rows per sentence, sentences in their
+    first order, and a row's parent always a row of the same sentence. Beam search feeds the first step one
+    row per sentence, then calls this with each sentence's k beams (beams = k), and leaves out the rows of
+    sentences that have settled; greedy search drops rows that have stopped (beams = 1). A state that keeps
+    something once per sentence (the encoder side all beams share) finds the sentences kept, as rows of its
+    own, at index[::beams] // (the beams of the previous call, 1 before any).
     """
 
-    def __call__(self, index: Tensor) -> None:
-        """index: (R,) long, rows of the current state; R may differ from the current row count."""
+    def __call__(self, index: Tensor, beams: int) -> None:
+        """index: (R,) long, rows of the current state; R may differ from the current row count.
+        beams: rows per sentence after the call; R is a multiple of it."""
         ...
 
 

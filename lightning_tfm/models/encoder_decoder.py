@@ -97,6 +97,12 @@ class EncoderDecoder(nn.Module):
     def max_len(self) -> int:
         return self.src_embedding.positions.max_len
 
+    @property
+    def shares_memory(self) -> bool:
+        """Whether every cross-attention block lets a sentence's beams read one row of the encoder side
+        (`Supports.shared_memory`); `decode` then takes memory with fewer rows than the target."""
+        return all(layer.cross_attention.supports.shared_memory for layer in self.decoder.layers)
+
     def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None,
                 tgt_mask: Tensor | None = None) -> Tensor:
         """Teacher-forced logits.
@@ -122,13 +128,20 @@ class EncoderDecoder(nn.Module):
                cache: DecoderCache | None = None) -> Tensor:
         """Args:
             tgt: (B, T) target ids after the cached positions.
-            memory: (B, S, C) encoder output (read once into the cache when one is given).
-            src_mask: (B, S) source padding mask.
+            memory: (B', S, C) encoder output (read once into the cache when one is given). B' = B, or, when
+                `shares_memory`, B' dividing B: each row then serves B / B' consecutive target rows (beams).
+            src_mask: (B', S) source padding mask.
             tgt_mask: (B, cached + T) target padding mask, or None.
             cache: self- and cross-attention caches for incremental decoding.
         Returns:
             (B, T, V) logits.
+        Raises:
+            ValueError: if memory has fewer rows than tgt and a cross-attention block cannot share them.
         """
+        if memory.shape[0] != tgt.shape[0] and not self.shares_memory:
+            raise ValueError(f"EncoderDecoder: memory has {memory.shape[0]} rows for {tgt.shape[0]} target rows, "
+                             "but a cross-attention block cannot share a row (supports.shared_memory is False); "
+                             "repeat the memory for every target row")
         offset = cache.length if cache is not None else 0
         T = tgt.shape[1]
         positions = self.tgt_embedding.positions
@@ -148,5 +161,51 @@ class EncoderDecoder(nn.Module):
         return DecoderCache(decoding_states("EncoderDecoder", [layer.self_attention for layer in layers], max_len),
                             decoding_states("EncoderDecoder", [layer.cross_attention for layer in layers], 0))
 
+    def search_state(self, src: Tensor, src_mask: Tensor | None = None, max_len: int = 0) -> SearchState:
+        """Encode a batch and return the state a search decodes it with: `beam_search(state.step,
+        state.reorder, ...)` or `greedy_search(state.step, ..., reorder=state.reorder)`."""
+        return SearchState(self, src, src_mask, max_len)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class SearchState:
+    """What a search over an `EncoderDecoder` keeps between steps, behind the `step` and `reorder` closures of
+    `lightning_tfm.decoding`: the encoder output and source mask, and the decoder's cache.
+
+    The encoder runs once per sentence. When the model `shares_memory`, the encoder side (output, mask and
+    the cross-attention keys and values projected from it) keeps one row per sentence, which its beams read;
+    otherwise it is copied to every row, as the blocks need. Self-attention caches keep one row per
+    hypothesis. Rows of sentences the search has finished leave with `reorder`.
+
+    Args:
+        model: the encoder-decoder (in eval mode to decode deterministically).
+        src: (B, S) source ids.
+        src_mask: (B, S) bool, True for real tokens; None if nothing is padded.
+        max_len: target positions to preallocate in the self-attention caches.
+    """
+
+    def __init__(self, model: EncoderDecoder, src: Tensor, src_mask: Tensor | None = None, max_len: int = 0) -> None:
+        self.model, self.src_mask, self.shared = model, src_mask, model.shares_memory
+        self.memory = model.encode(src, src_mask)                               # (B, S, C)
+        self.cache = model.new_cache(max_len)
+        self.sentences, self.beams = src.shape[0], 1            # rows: `sentences` groups of `beams` rows
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """(R, t) new target ids -> (R, V) float32 next-token log-probabilities."""
+        logits = self.model.decode(tokens, self.memory, self.src_mask, cache=self.cache)[:, -1]
+        return logits.float().log_softmax(-1)
+
+    def reorder(self, index: Tensor, beams: int) -> None:
+        """Rows follow `index` (R,), `beams` consecutive rows per sentence (see `decoding.Reorder`)."""
+        sentences = len(index) // beams
+        if sentences == self.sentences and (self.shared or beams == self.beams):
+            self.cache.reorder(index)      # parents are beams of the same sentence: the encoder side stays
+        else:                              # sentences expanded to beams or dropped
+            memory_index = index[::beams] // self.beams if self.shared else index             # (B',) or (R,)
+            self.cache.reorder(index, memory_index)
+            self.memory = self.memory.index_select(0, memory_index)
+            if self.src_mask is not None:
+                self.src_mask = self.src_mask.index_select(0, memory_index)
+        self.sentences, self.beams = sentences, beams

@@ -28,6 +28,38 @@ class CorpusBLEU(SacreBLEUScore):
         return super().compute() * 100
 
 
+@torch.no_grad()
+def translate(model: EncoderDecoder, src: Tensor, src_mask: Tensor | None, bos_id: int, eos_id: int, pad_id: int,
+              beam_size: int = 4, alpha: float = 0.6, max_extra_len: int = 50) -> Tensor:
+    """Translate a batch as the paper does (§6.1): beam search, or greedy search for beam 1, generating at most
+    source length + max_extra_len tokens, but never more than the model has target positions (`max_len`).
+
+    The one decoding path of `TranslationModule` and of scripts/bench: `EncoderDecoder.search_state` keeps the
+    encoder side once per sentence, and finished sentences leave the batch.
+
+    Args:
+        model: the encoder-decoder.
+        src: (B, S) source ids.
+        src_mask: (B, S) bool, True for real tokens; None if nothing is padded.
+        bos_id, eos_id, pad_id: the start, end and padding ids of the target.
+        beam_size: k; 1 is greedy search.
+        alpha: GNMT length penalty of beam search.
+        max_extra_len: outputs may be this many tokens longer than their source.
+
+    Returns:
+        (B, L) long target ids without BOS, EOS included, pad_id after it.
+    """
+    B, S = src.shape
+    src_len = src_mask.sum(-1) if src_mask is not None else torch.full((B,), S, device=src.device)
+    max_len = (src_len + max_extra_len).clamp(max=model.max_len)   # L tokens feed positions 0 .. L - 1
+    state = model.search_state(src, src_mask, int(max_len.max()))
+    start = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
+    if beam_size == 1:
+        return greedy_search(state.step, start, eos_id, max_len, pad_id, reorder=state.reorder)
+    return beam_search(state.step, state.reorder, start, eos_id, max_len, beam_size=beam_size, alpha=alpha,
+                       pad_id=pad_id).tokens
+
+
 class TranslationModule(TaskModule):
     """Train an `EncoderDecoder` on sentence pairs, evaluate with corpus BLEU, translate with beam search.
 
@@ -72,14 +104,8 @@ class TranslationModule(TaskModule):
     def forward(self, src: Tensor, src_mask: Tensor | None = None, beam_size: int | None = None) -> Tensor:
         """Translate a batch: (B, S) source ids -> (B, L) target ids (EOS included, padded with pad_id)."""
         beam_size = self.beam_size if beam_size is None else beam_size
-        src_len = src_mask.sum(-1) if src_mask is not None else torch.full((src.shape[0],), src.shape[1])
-        max_len = (src_len + self.max_extra_len).to(src.device)
-        step, reorder = self._incremental(src, src_mask, int(max_len.max()) + 1)
-        start = torch.full((src.shape[0],), self.bos_id, dtype=torch.long, device=src.device)
-        if beam_size == 1:
-            return greedy_search(step, start, self.eos_id, max_len, self.pad_id)
-        return beam_search(step, reorder, start, self.eos_id, max_len, beam_size=beam_size,
-                           alpha=self.length_penalty, pad_id=self.pad_id).tokens
+        return translate(self.model, src, src_mask, self.bos_id, self.eos_id, self.pad_id, beam_size=beam_size,
+                         alpha=self.length_penalty, max_extra_len=self.max_extra_len)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.training_loss(*self._loss(batch))
@@ -128,27 +154,3 @@ class TranslationModule(TaskModule):
             bleu.update(hypotheses, [[ref] for ref in batch["refs"]])
         self.log(f"{stage}_loss", mean_loss)
         self.log(f"{stage}_bleu", bleu, prog_bar=True)
-
-    def _incremental(self, src: Tensor, src_mask: Tensor | None, max_len: int = 0):
-        """Step and reorder closures over one KV cache (preallocated for max_len target positions); the encoder
-        runs once per sentence, not per beam."""
-        model = self.model
-        state = {"memory": model.encode(src, src_mask), "src_mask": src_mask}
-        cache = model.new_cache(max_len)
-
-        def step(tokens: Tensor) -> Tensor:
-            logits = model.decode(tokens, state["memory"], state["src_mask"], cache=cache)[:, -1]
-            return logits.float().log_softmax(-1)
-
-        def reorder(index: Tensor) -> None:
-            if len(index) == state["memory"].shape[0]:
-                # beam search picks parents within a sentence, whose rows share the encoder output,
-                # its cross-attention keys and values, and its source mask: only the target side moves
-                cache.reorder(index)
-                return
-            cache.select(index)                      # rows added or dropped (each sentence -> its beams)
-            state["memory"] = state["memory"].index_select(0, index)
-            if state["src_mask"] is not None:
-                state["src_mask"] = state["src_mask"].index_select(0, index)
-
-        return step, reorder

@@ -46,33 +46,18 @@ def bench_seq2seq(b: Bench) -> float:
     return train.ours
 
 
-def _incremental(model: EncoderDecoder, src: Tensor, src_mask: Tensor, max_len: int = 0):
-    """Step and reorder closures over one KV cache, as `TranslationModule._incremental` builds them."""
-    state = {"memory": model.encode(src, src_mask), "src_mask": src_mask}
-    cache = model.new_cache(max_len)
-
-    def step(tokens: Tensor) -> Tensor:
-        logits = model.decode(tokens, state["memory"], state["src_mask"], cache=cache)[:, -1]
-        return no_eos(logits.float().log_softmax(-1))
-
-    def reorder(index: Tensor) -> None:
-        if len(index) == state["memory"].shape[0]:
-            cache.reorder(index)                 # parents within a sentence share the encoder side
-            return
-        cache.select(index)                      # each sentence -> its beams
-        state["memory"] = state["memory"].index_select(0, index)
-        state["src_mask"] = state["src_mask"].index_select(0, index)
-    return step, reorder
-
-
 def _ours_seq2seq(model: EncoderDecoder, src: Tensor, new: int, beam: int) -> Run:
     @torch.no_grad()
     def run() -> int:
         mask = torch.ones_like(src, dtype=torch.bool)
-        step, reorder = _incremental(model, src, mask, new + 1)
+        state = model.search_state(src, mask, new + 1)        # the search the translation task runs
+
+        def step(tokens: Tensor) -> Tensor:
+            return no_eos(state.step(tokens))
         start = torch.full((src.shape[0],), BOS, device=src.device)
         if beam == 1:
-            return count_generated(greedy_search(step, start, EOS, new, PAD).shape, src.shape[0], new)
-        result = beam_search(step, reorder, start, EOS, new, beam_size=beam, alpha=0.6, pad_id=PAD)
+            tokens = greedy_search(step, start, EOS, new, PAD, reorder=state.reorder)
+            return count_generated(tokens.shape, src.shape[0], new)
+        result = beam_search(step, state.reorder, start, EOS, new, beam_size=beam, alpha=0.6, pad_id=PAD)
         return count_generated(result.tokens.shape, src.shape[0], new) // new          # sentences
     return run

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lightning_tfm.blocks.attention import MultiHeadAttention
-from lightning_tfm.blocks.kv_cache import KVCache
+from lightning_tfm.blocks.kv_cache import KVCache, MemoryCache
 from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.positions import ALiBiPositions
 
@@ -47,6 +47,23 @@ def test_cross_attention_uses_the_two_slices_of_the_fused_projection():
     want = attn.out((logits.softmax(-1) @ v).transpose(1, 2).reshape(3, 5, 16))
     got = attn(x, context=memory, mask=AttentionMask.build(real, causal=False))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 1])
+def test_beams_sharing_a_context_row_equal_per_row_copies(n_kv_heads):
+    attn = MultiHeadAttention(16, 4, n_kv_heads=n_kv_heads).eval()
+    assert attn.supports.shared_memory
+    x, memory, real = torch.randn(6, 2, 16), torch.randn(3, 6, 16), _padding()    # 3 sentences x 2 beams
+    copies = AttentionMask.build(real.repeat_interleave(2, 0), causal=False)
+    want = attn(x, context=memory.repeat_interleave(2, 0), mask=copies)
+    state, shared = MemoryCache(), AttentionMask.build(real, causal=False)
+    first = attn(x, context=memory, mask=shared, state=state)                    # projects and keeps 3 rows
+    again = attn(x, context=memory, mask=shared, state=state)                    # reads the kept ones
+    assert state.k.shape[0] == 3
+    torch.testing.assert_close(first, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again, want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="5 query rows cannot share a context of 3 rows"):
+        attn(torch.randn(5, 1, 16), context=memory)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])

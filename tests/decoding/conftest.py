@@ -30,7 +30,7 @@ class TableModel:
         self.sentence = torch.arange(n_sentences)
         self.code = torch.ones(n_sentences, dtype=torch.long)
         self.n_steps = 0
-        self.reorders: list[Tensor] = []
+        self.reorders: list[tuple[Tensor, int]] = []
 
     def step(self, tokens: Tensor) -> Tensor:
         for column in tokens.T:
@@ -38,8 +38,8 @@ class TableModel:
         self.n_steps += 1
         return self.table[self.sentence, self.code]                             # (rows, V)
 
-    def reorder(self, index: Tensor) -> None:
-        self.reorders.append(index.clone())
+    def reorder(self, index: Tensor, beams: int = 1) -> None:
+        self.reorders.append((index.clone(), beams))
         self.sentence, self.code = self.sentence[index], self.code[index]
 
     def path_log_prob(self, sentence: int, prefix: list[int], tokens: list[int]) -> float:
@@ -61,12 +61,14 @@ class MarkovModel:
         self.table = log_probs
         self.sentence = torch.arange(log_probs.shape[0])
         self.last = torch.zeros(log_probs.shape[0], dtype=torch.long)
+        self.fed_rows: list[int] = []                    # rows of every step, to see who is still fed
 
     def step(self, tokens: Tensor) -> Tensor:
+        self.fed_rows.append(len(tokens))
         self.last = tokens[:, -1]
         return self.table[self.sentence, self.last]
 
-    def reorder(self, index: Tensor) -> None:
+    def reorder(self, index: Tensor, beams: int = 1) -> None:
         self.sentence, self.last = self.sentence[index], self.last[index]
 
 

@@ -144,10 +144,25 @@ def test_the_search_goes_on_while_a_longer_hypothesis_could_still_win(markov_mod
 def test_reorder_first_gives_each_sentence_its_beams_then_follows_parents(table_model):
     model = table_model(2, seed=4)
     beam_search(model.step, model.reorder, torch.tensor([2, 3]), EOS, 4, beam_size=3)
-    assert model.reorders[0].tolist() == [0, 0, 0, 1, 1, 1]
-    for index in model.reorders[1:]:                 # a parent is always a beam of the same sentence
-        assert torch.equal(index // 3, torch.tensor([0, 0, 0, 1, 1, 1]))
-    assert len(model.reorders) == model.n_steps
+    (first, beams), *later = model.reorders
+    assert first.tolist() == [0, 0, 0, 1, 1, 1] and beams == 3     # the first step was fed one row per sentence
+    for index, beams in later:               # a parent is always a beam of the same sentence, in sentence order
+        sentence = (index // 3).view(-1, 3)
+        assert beams == 3 and (sentence == sentence[:, :1]).all() and (sentence[1:, 0] > sentence[:-1, 0]).all()
+    assert len(model.reorders) == model.n_steps - 1
+
+
+def test_the_first_step_runs_once_per_sentence_and_settled_sentences_leave_the_batch(markov_model):
+    log_probs = torch.full((2, V, V), 0.025).log()
+    log_probs[0, 2, 3] = log_probs[0, 3, EOS] = math.log(0.9)            # sentence 0: BOS=2 -> 3 -> EOS
+    log_probs[1, 2, 4] = log_probs[1, 4, 4] = math.log(0.9)              # sentence 1: 4 4 4 ... until its limit
+    model = markov_model(log_probs)
+    result = beam_search(model.step, model.reorder, torch.tensor([2, 2]), EOS, torch.tensor([10, 6]),
+                         beam_size=3, pad_id=PAD)
+    # after step 2, [3, EOS] scores 2 log .9 / lp(2) = -0.19, and the best live one, log .9 + log .025 = -3.79,
+    # can reach -3.79 / lp(10) = -2.2 at best: sentence 0 settles; sentence 1 runs to its limit of 6
+    assert model.fed_rows == [2, 6, 3, 3, 3, 3]
+    assert result.tokens.tolist() == [[3, EOS, PAD, PAD, PAD, PAD], [4] * 6]
 
 
 def test_beam_search_rejects_bad_arguments(table_model):
@@ -167,10 +182,10 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 class _Translator:
-    """Step and reorder closures over an EncoderDecoder. The source is encoded once per sentence. With the
-    cache, the first reorder expands every row (memory, mask, self- and cross-attention caches) and later
-    ones only follow beam parents in the self-attention caches; without it, each step reruns the decoder
-    over every token so far."""
+    """Step and reorder closures over an EncoderDecoder, with one copy of the encoder side per row, the plainest
+    layout: the source is encoded once per sentence, then every reorder takes the rows it names of everything
+    (memory, mask, self- and cross-attention caches). Without the cache, each step reruns the decoder over
+    every token so far."""
 
     def __init__(self, model: EncoderDecoder, src: torch.Tensor, src_mask: torch.Tensor, cached: bool,
                  cache_len: int = 0) -> None:
@@ -178,7 +193,6 @@ class _Translator:
         self.memory = model.encode(src, src_mask)                        # (B, S, C)
         self.cache = model.new_cache(cache_len) if cached else None
         self.fed: torch.Tensor | None = None                             # (rows, t), for the uncached step
-        self.expanded = False
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
@@ -188,11 +202,8 @@ class _Translator:
             logits = self.model.decode(self.fed, self.memory, self.src_mask)
         return logits[:, -1].log_softmax(-1)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.cache is not None and self.expanded:
-            self.cache.reorder(index)                                    # parents share their sentence's source
-            return
-        self.memory, self.src_mask, self.expanded = self.memory[index], self.src_mask[index], True
+    def reorder(self, index: torch.Tensor, beams: int) -> None:
+        self.memory, self.src_mask = self.memory[index], self.src_mask[index]
         if self.cache is not None:
             self.cache.select(index)
         if self.fed is not None:

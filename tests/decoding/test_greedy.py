@@ -29,6 +29,19 @@ def test_greedy_takes_the_most_probable_token_and_pads_after_eos(table_model, se
     assert torch.equal(got, _padded(want))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_that_stop_leave_the_batch_without_changing_the_output(table_model, seed):
+    bos, max_len = torch.tensor([2, 3, 4, 2]), torch.tensor([3, 5, 1, 4])
+    want = greedy_search(table_model(4, seed=seed).step, bos, EOS, max_len, pad_id=PAD)
+    model, fed = table_model(4, seed=seed), []
+    got = greedy_search(lambda tokens: fed.append(len(tokens)) or model.step(tokens), bos, EOS, max_len, PAD,
+                        reorder=model.reorder)
+    assert torch.equal(got, want)
+    assert fed[0] == 4 and fed[1] <= 3 and fed == sorted(fed, reverse=True)    # row 2 (limit 1) is fed once
+    for index, beams in model.reorders:                          # the rows that go on, in their order
+        assert beams == 1 and (index[1:] > index[:-1]).all()
+
+
 def test_greedy_continues_a_longer_prefix(table_model):
     model = table_model(2, seed=3)
     prefix = torch.tensor([[2, 3, 1], [4, 4, 2]])
