@@ -30,6 +30,7 @@ import lightning_tfm.blocks  # noqa: F401  (so --help lists the blocks as known 
 import lightning_tfm.models.presets  # noqa: F401
 from lightning_tfm.callbacks import PredictionWriter
 from lightning_tfm.checkpoints import AtomicCheckpointIO, average_checkpoints, load_checkpoint
+from lightning_tfm.console import drop_wandb_anonymous, one_line_errors, quiet_third_party, saved_summary
 from lightning_tfm.finetune import read_tokenizer
 from lightning_tfm.finetune.export import export_checkpoint
 
@@ -53,6 +54,7 @@ Fine-tune:  model.init_args.init_from (a checkpoint, an export or a Hugging Face
 
 Show every option of a class:  lightning_tfm fit --model.help lightning_tfm.tasks.TranslationModule
 Show a whole resolved config:  lightning_tfm fit --config FILE --print_config
+A bad value or data file stops with one line naming it; LIGHTNING_TFM_TRACEBACK=1 shows the traceback
 """
 
 
@@ -84,6 +86,7 @@ class TransformerCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:     # not a user's, nor FSDP's sharded one
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        drop_wandb_anonymous(trainer.loggers)
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -109,6 +112,10 @@ class TransformerCLI(LightningCLI):
         # the resolved data settings go into every checkpoint, so `lightning_tfm export` can write a complete
         # config for prediction without the training run
         self.model.data_config = self.config[self.subcommand]["data"].as_dict()
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(saved_summary(self.trainer))
 
     def before_predict(self) -> None:
         config = self.config[self.subcommand]
@@ -184,13 +191,16 @@ def main(args: list[str] | None = None) -> None:
         from lightning_tfm.viz.plot_command import plot
         return plot(argv[1:])
     torch.set_float32_matmul_precision("high")
+    quiet_third_party()
     # W&B without an account or network: offline runs on disk (`wandb sync` uploads them); WANDB_MODE=online
     # logs live, WANDB_MODE=disabled turns it off
     os.environ.setdefault("WANDB_MODE", "offline")
-    TransformerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   save_config_callback=SaveConfigEverywhere,
-                   parser_kwargs={"description": DESCRIPTION, "parser_mode": "omegaconf+"},
-                   save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+    prog = "lightning_tfm" + (f" {argv[0]}" if argv[:1] and not argv[0].startswith("-") else "")
+    with one_line_errors(prog):     # a bad value or file: one line on stderr, exit 1 (console.py)
+        TransformerCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       save_config_callback=SaveConfigEverywhere,
+                       parser_kwargs={"description": DESCRIPTION, "parser_mode": "omegaconf+"},
+                       save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
 
 
 if __name__ == "__main__":

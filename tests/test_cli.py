@@ -12,13 +12,14 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from commands import ROOT, best_score, last_line, lightning_tfm, metrics
+from commands import ROOT, best_score, error_line, lightning_tfm, metrics
 from tokenizers import Tokenizer
 
 from lightning_tfm import cli
@@ -57,10 +58,14 @@ def lm_fit_args(data: Path, run: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def lm_run(data, tmp_path_factory) -> Path:
+def lm_fit(data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path_factory.mktemp("lm")
-    lightning_tfm(*lm_fit_args(data, run))
-    return run
+    return run, lightning_tfm(*lm_fit_args(data, run))
+
+
+@pytest.fixture(scope="module")
+def lm_run(lm_fit) -> Path:
+    return lm_fit[0]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +98,26 @@ def test_lm_fit_logs_loss_and_perplexity(lm_run):
     vocab_size = Tokenizer.from_file(str(lm_run / "tokenizer/tokenizer.json")).get_vocab_size()
     # 10 steps in (lr still warming up) the model is close to a uniform guess, and 10 more steps improve on it
     assert rows[1]["val_loss"] < rows[0]["val_loss"] < math.log(vocab_size) + 0.25
+
+
+# what Lightning 2.6, torch 2.13 and wandb 0.31 printed on every fit (lightning_tfm/console.py silences each);
+# tests/test_wandb.py checks wandb's with W&B on
+NOISE = ["💡 Tip:", "litlogger", "litmodels", "anonymous setting", "LeafSpec", "_pytree", "Traceback"]
+
+
+def test_lm_fit_prints_where_the_run_is_saved_and_no_third_party_noise(lm_fit):
+    run, proc = lm_fit
+    console = proc.stdout + proc.stderr
+    assert [noise for noise in NOISE if noise in console] == []
+    assert "GPU available: " in console                    # Lightning's own lines still show
+    run = run.resolve()
+    score = best_score(run / "checkpoints/best.ckpt")
+    assert proc.stdout.splitlines()[-4:] == [
+        f"Run saved in {run}",
+        f"  checkpoints: {run / 'checkpoints'}: best.ckpt (best val_loss={score:.4g}), last.ckpt",
+        f"  logs (CSVLogger): {run / 'logs/version_0'}",
+        f"  config: {run / 'logs/version_0/config.yaml'}"]
+    assert (run / "logs/version_0/config.yaml").is_file()
 
 
 def test_lm_test_from_checkpoint_reproduces_best_val_loss(data, lm_run, tmp_path):
@@ -225,7 +250,7 @@ def test_explicit_tokenizer_other_than_the_checkpoints_is_an_error(data, lm_run,
                          lm_run / "checkpoints/best.ckpt", "--data.test_path", data / "lm_val.txt",
                          "--data.tokenizer_path", other, ok=False)
     assert re.fullmatch(rf"ValueError: data\.tokenizer_path={re.escape(str(other))} is not the tokenizer stored with "
-                        r".*best\.ckpt; leave data\.tokenizer_path unset .*", last_line(proc))
+                        r".*best\.ckpt; leave data\.tokenizer_path unset .*", error_line(proc))
 
 
 @pytest.fixture
@@ -283,11 +308,39 @@ def test_help_lists_the_subcommands():
     assert "lightning_tfm.tasks.TranslationModule" in proc.stdout
 
 
+BAD_HEADS = [f"{MODEL}.d_model", 32, f"{MODEL}.n_heads", 3]
+BAD_HEADS_MESSAGE = "ValueError: DecoderOnly: d_model=32 is not divisible by n_heads=3"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:lightning.pytorch.cli")   # its calls into jsonargparse 4.53
+def test_a_bad_value_is_one_line_on_stderr_and_exit_code_1(in_process, monkeypatch, capsys, tmp_path):
+    # in this process (in_process sets the folder, argv and matmul precision): it stops while building the model.
+    # jsonargparse wraps the model's error in a dump of the whole config; the one line is the model's message
+    monkeypatch.delenv("LIGHTNING_TFM_TRACEBACK", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", "--config", LM, "--trainer.default_root_dir", str(tmp_path), *map(str, BAD_HEADS)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"lightning_tfm fit: {BAD_HEADS_MESSAGE} (set LIGHTNING_TFM_TRACEBACK=1 for the " \
+        "traceback)"
+    assert "Traceback" not in err and "Union subtypes" not in err
+
+
+def test_lightning_tfm_traceback_shows_the_traceback(tmp_path):
+    proc = lightning_tfm("fit", "--config", LM, "--trainer.default_root_dir", tmp_path, *BAD_HEADS, ok=False,
+                         extra_env={"LIGHTNING_TFM_TRACEBACK": "1"})
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last):" in proc.stderr
+    assert f"\n{BAD_HEADS_MESSAGE}\n" in proc.stderr                        # where it was raised, with the cause
+    assert "for the traceback)" not in proc.stderr
+
+
 def test_missing_training_file_names_the_key_and_path(tmp_path):
     missing = tmp_path / "missing.tsv"
     proc = lightning_tfm("fit", "--config", SST2, "--trainer.default_root_dir", tmp_path,
                          "--data.train_path", missing, ok=False)
-    assert last_line(proc) == f"FileNotFoundError: data.train_path={missing} does not exist"
+    assert error_line(proc) == f"FileNotFoundError: data.train_path={missing} does not exist"
 
 
 def test_misaligned_parallel_files_name_both(data, tmp_path):
@@ -297,7 +350,7 @@ def test_misaligned_parallel_files_name_both(data, tmp_path):
     (tmp_path / "train.de").write_text("\n".join(targets) + "\n", encoding="utf-8")
     proc = lightning_tfm("fit", "--config", MT, "--trainer.default_root_dir", tmp_path,
                          "--data.train_path", tmp_path / "train", ok=False)
-    assert last_line(proc).startswith(f"ValueError: {tmp_path / 'train.en'} has 5 lines but "
+    assert error_line(proc).startswith(f"ValueError: {tmp_path / 'train.en'} has 5 lines but "
                                       f"{tmp_path / 'train.de'} has 4")
 
 
@@ -307,5 +360,5 @@ def test_validation_label_unseen_in_training_names_file_and_line(tmp_path):
     proc = lightning_tfm("fit", "--config", SST2, "--trainer.default_root_dir", tmp_path, *TINY,
                          "--data.train_path", tmp_path / "train.tsv", "--data.val_path", tmp_path / "dev.tsv",
                          "--data.tokenizer_vocab_size", 100, ok=False)
-    assert last_line(proc).startswith(f"ValueError: {tmp_path / 'dev.tsv'}:3: label 'neutral' is not one of the "
+    assert error_line(proc).startswith(f"ValueError: {tmp_path / 'dev.tsv'}:3: label 'neutral' is not one of the "
                                       "known labels ['0', '1']")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +39,16 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "WANDB_MODE": "disabled"}
 
 
-def last_line(proc: subprocess.CompletedProcess) -> str:
-    """The last line of stderr: the exception that stopped the command, so it must be ours, not torch's."""
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    return proc.stderr.strip().splitlines()[-1]
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The `Type: message` of the user error that stopped the command, which must have printed it as its last
+    line, `lightning_tfm SUBCOMMAND: Type: message (set LIGHTNING_TFM_TRACEBACK=1 ...)`, with no traceback, and
+    exited 1 (the exception must be ours, not torch's)."""
+    assert proc.returncode == 1, f"exit code {proc.returncode}\n{proc.stderr[-2000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    found = re.fullmatch(r"lightning_tfm [a-z]+: (.+) \(set LIGHTNING_TFM_TRACEBACK=1 for the traceback\)", last)
+    assert found, last
+    return found.group(1)
 
 
 def metrics(run: Path) -> list[dict[str, float]]:
