@@ -24,6 +24,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
 import lightning_tfm.blocks  # noqa: F401  (so --help lists the blocks as known subclasses)
@@ -33,6 +34,7 @@ from lightning_tfm.checkpoints import AtomicCheckpointIO, average_checkpoints, l
 from lightning_tfm.console import drop_wandb_anonymous, one_line_errors, quiet_third_party, saved_summary
 from lightning_tfm.finetune import read_tokenizer
 from lightning_tfm.finetune.export import export_checkpoint
+from lightning_tfm.precision import auto_precision
 
 DESCRIPTION = """Train, evaluate and use Transformers from YAML.
 
@@ -81,6 +83,10 @@ class TransformerCLI(LightningCLI):
         parser.link_arguments("data.n_classes", "model.init_args.n_classes", apply_on="instantiate")
         parser.link_arguments("data.multi_label", "model.init_args.multi_label", apply_on="instantiate")
         parser.add_class_arguments(PredictionWriter, "predictions")
+        parser.add_argument("--auto_precision", type=bool, default=False,
+                            help="when trainer.precision is not set: bf16-mixed where the device computes bf16 "
+                            "natively (CUDA with bf16, a CPU with AMX-BF16 or AVX512-BF16), else 32-true; the "
+                            "log says which and why")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -107,6 +113,10 @@ class TransformerCLI(LightningCLI):
             source = Path(config["model"]["init_args"]["init_from"])
             _use_checkpoint_tokenizer(config, source, read_tokenizer(source))
         self._checkpoint = None
+        trainer = config["trainer"]
+        if config.get("auto_precision") and trainer.get("precision") is None:
+            trainer["precision"], reason = auto_precision(str(trainer.get("accelerator") or "auto"))
+            rank_zero_info(f"auto_precision: training in {trainer['precision']}, since {reason}")
 
     def before_fit(self) -> None:
         # the resolved data settings go into every checkpoint, so `lightning_tfm export` can write a complete
