@@ -1,6 +1,7 @@
 """A real translation run with `AttentionMapImages` switched on in the config: each validation logs the
 cross-attention of one fixed validation example as an image to the offline W&B run and to TensorBoard, and
-`lightning_tfm attention` then draws from the checkpoint that run wrote."""
+`lightning_tfm attention` then draws from the checkpoint that run wrote (in this process: it builds no Trainer,
+`in_process`, tests/conftest.py)."""
 
 from pathlib import Path
 
@@ -59,8 +60,8 @@ def test_images_reach_wandb_and_tensorboard(run):
     assert [e.step for e in logged] == [4, 8] and logged[0].width > 100
 
 
-def test_the_attention_command_reads_the_runs_checkpoint(run, tmp_path):
-    proc = lightning_tfm("attention", run / "checkpoints" / "last.ckpt", "--text", "A man is riding a bicycle.",
-                         "--attention", "cross", "--output", tmp_path)
+def test_the_attention_command_reads_the_runs_checkpoint(run, in_process, tmp_path):
+    proc = in_process("attention", run / "checkpoints" / "last.ckpt", "--text", "A man is riding a bicycle.",
+                      "--attention", "cross", "--output", tmp_path)
     assert "translation:" in proc.stdout
     assert (tmp_path / "cross_layer0.png").is_file()

@@ -1,6 +1,7 @@
 """lightning_tfm/console.py in this process: each third-party message is silenced and nothing else (our own
 warnings and Lightning's other lines still show), user errors become one line and exit 1 while bugs keep their
-traceback, and LIGHTNING_TFM_TRACEBACK lets a user error through. tests/test_cli.py checks a real fit's output."""
+traceback, and LIGHTNING_TFM_TRACEBACK lets a user error through. tests/cli/test_language_model.py checks a real
+fit's output."""
 
 import logging
 import warnings

@@ -1,7 +1,9 @@
 """Runs that crash and resume: a real SIGKILL mid-epoch, `fit --ckpt_path last`, and the resumed run must train
 on exactly the batches the uninterrupted run did (none twice, none skipped) and end with bitwise the same
 weights (same seed, one CPU thread: the same operations in the same order). Also: a NaN loss stops training
-with a message naming the step and leaves the last good checkpoint as the newest one."""
+with a message naming the step and leaves the last good checkpoint as the newest one. A damaged or unsafe
+checkpoint is refused while the arguments are parsed, before any Trainer, so those run in this process
+(`in_process`, tests/conftest.py)."""
 
 import signal
 from pathlib import Path
@@ -76,20 +78,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, t
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
-def test_resuming_from_a_damaged_checkpoint_is_a_clear_error(data, tmp_path, damage):
+def test_resuming_from_a_damaged_checkpoint_is_a_clear_error(data, in_process, tmp_path, damage):
     bad = tmp_path / "bad.ckpt"
     if damage == "truncated":
         torch.save({"state_dict": {"w": torch.ones(10_000)}}, bad)
         bad.write_bytes(bad.read_bytes()[:2000])
     else:
         bad.write_text("weights: none\n")
-    proc = lightning_tfm("fit", "--config", lm_config(tmp_path, tmp_path / "run", data), "--ckpt_path", bad,
-                         ok=False)
+    proc = in_process("fit", "--config", lm_config(tmp_path, tmp_path / "run", data), "--ckpt_path", bad, ok=False)
     assert error_line(proc) == f"ValueError: checkpoint {bad} is truncated or is not a torch checkpoint " \
         "(not a zip archive)"
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_by_the_cli(tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused_by_the_cli(in_process, tmp_path):
     import os
 
     marker = tmp_path / "pwned"
@@ -100,8 +101,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_the_cli(tmp_path):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Payload()}, evil)
-    proc = lightning_tfm("test", "--config", LM, "--trainer.default_root_dir", tmp_path, "--ckpt_path", evil,
-                         ok=False)
+    proc = in_process("test", "--config", LM, "--trainer.default_root_dir", tmp_path, "--ckpt_path", evil, ok=False)
     assert error_line(proc).startswith(f"ValueError: checkpoint {evil} holds objects that are not plain data and was "
                                        "refused, since loading it could run code")
     assert not marker.exists()

@@ -66,7 +66,7 @@ def reviews_csv(source, target):
     return target
 
 
-def test_pretrain_fine_tune_a_csv_with_lora_export_and_predict_without_the_run(data, tmp_path):
+def test_pretrain_fine_tune_a_csv_with_lora_export_and_predict_without_the_run(data, in_process, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     lightning_tfm("fit", "--config", "configs/pretrain/sst2_mlm_small.yaml", "--trainer.default_root_dir",
@@ -89,7 +89,7 @@ def test_pretrain_fine_tune_a_csv_with_lora_export_and_predict_without_the_run(d
     adapters = 2 * 8 * ((128 + 384) + (128 + 128) + (128 + 512) + (512 + 128))
     assert trainable == adapters + 2 * 128 + 2 and total > 10 * trainable
 
-    lightning_tfm("export", work / "ft/checkpoints/best.ckpt", "--output", tmp_path / "exported")
+    in_process("export", work / "ft/checkpoints/best.ckpt", "--output", tmp_path / "exported")   # no Trainer
     shutil.rmtree(work)                                # the runs, the tokenizer and the training CSVs are gone
     new = tmp_path / "new.csv"
     new.write_text('review\nan utterly charming and moving film\n"a dull, lifeless and tedious mess"\n')

@@ -1,7 +1,7 @@
 """Every override in configs/variants/, on top of its base config, goes through the `lightning_tfm` parser and
 builds the model it describes, without training: the attention block it names in each layer, and an untrained
 forward pass over a full context. A typo in a variant config fails here. The overrides only make sense on
-their base (`fit --config BASE --config OVERRIDE`); tests/test_cli.py checks the stand-alone configs.
+their base (`fit --config BASE --config OVERRIDE`); tests/cli/test_configs.py checks the stand-alone configs.
 
 The command runs in this process with `run=False` (LightningCLI parses and instantiates, then stops), on the
 slices of the real data, with every output below tmp_path.
