@@ -34,6 +34,7 @@ from lightning_tfm.checkpoints import AtomicCheckpointIO, average_checkpoints, l
 from lightning_tfm.console import drop_wandb_anonymous, one_line_errors, quiet_third_party, saved_summary
 from lightning_tfm.finetune import read_tokenizer
 from lightning_tfm.finetune.export import export_checkpoint
+from lightning_tfm.inference import InferencePrecision
 from lightning_tfm.precision import auto_precision
 
 DESCRIPTION = """Train, evaluate and use Transformers from YAML.
@@ -87,6 +88,9 @@ class TransformerCLI(LightningCLI):
                             help="when trainer.precision is not set: bf16-mixed where the device computes bf16 "
                             "natively (CUDA with bf16, a CPU with AMX-BF16 or AVX512-BF16), else 32-true; the "
                             "log says which and why")
+        parser.add_argument("--inference_precision", type=InferencePrecision, default="fp32",
+                            help="test and predict in fp32, bf16 weights or int8 linear maps (int8 only where "
+                            "measured faster); refused with the reason where the machine would emulate it")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -113,10 +117,18 @@ class TransformerCLI(LightningCLI):
             source = Path(config["model"]["init_args"]["init_from"])
             _use_checkpoint_tokenizer(config, source, read_tokenizer(source))
         self._checkpoint = None
+        if config.get("inference_precision", "fp32") != "fp32" and self.subcommand not in ("test", "predict"):
+            raise ValueError(f"inference_precision={config['inference_precision']} applies to test and predict, "
+                             f"not to {self.subcommand}")
         trainer = config["trainer"]
         if config.get("auto_precision") and trainer.get("precision") is None:
             trainer["precision"], reason = auto_precision(str(trainer.get("accelerator") or "auto"))
             rank_zero_info(f"auto_precision: training in {trainer['precision']}, since {reason}")
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.model.inference_precision = config.get("inference_precision", "fp32")
 
     def before_fit(self) -> None:
         # the resolved data settings go into every checkpoint, so `lightning_tfm export` can write a complete

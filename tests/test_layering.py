@@ -11,11 +11,13 @@ ALLOWED = {
     "models": {"blocks"},
     "decoding": set(),
     "data": set(),
-    "tasks": {"blocks", "models", "decoding", "data", "finetune", "checkpoints"},
+    "tasks": {"blocks", "models", "decoding", "data", "finetune", "checkpoints", "inference"},
     "finetune": {"blocks", "models", "checkpoints"},
     "checkpoints": {"models", "blocks"},
     "viz": {"models", "blocks", "data", "tasks", "finetune", "checkpoints"},
     "callbacks": {"viz"},
+    "precision": set(),
+    "inference": {"blocks", "precision"},
 }
 NEVER_LIGHTNING = {"blocks", "models", "decoding"}
 

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_tfm.finetune import FineTuning, PretrainedSource, load_pretrained, read_source
+from lightning_tfm.inference import Converted, InferencePrecision, to_inference_precision
 from lightning_tfm.models.attention_contract import after_optimizer_step, auxiliary_losses
 from lightning_tfm.models.class_paths import as_config, class_path, is_plain
 
@@ -39,11 +40,17 @@ class TaskModule(L.LightningModule):
         lr_schedule: factory optimizer -> LR scheduler, stepped every optimizer step; None for a constant lr.
         init_from: a pretrained source (checkpoint, export or Hugging Face folder) to start from; None for none.
         finetune: freezing, backbone learning rate or LoRA, applied after the pretrained weights load.
+
+    `inference_precision` (fp32, bf16 or int8; `lightning_tfm.inference`) is the number format of `test` and
+    `predict`: an attribute, not a hyperparameter, since it belongs to how a model is used, not to the model (the
+    CLI sets it from `--inference_precision`; a checkpoint's hyperparameters would override a model argument).
     """
 
     def __init__(self, optimizer: OptimizerFactory | None = None, lr_schedule: ScheduleFactory | None = None,
                  init_from: str | None = None, finetune: FineTuning | None = None) -> None:
         super().__init__()
+        self.inference_precision: InferencePrecision = "fp32"
+        self._inference: Converted | None = None
         self.optimizer_factory, self.schedule_factory = optimizer, lr_schedule
         self.init_from, self.finetune = init_from, finetune
         self.tokenizer: Tokenizer | None = None
@@ -155,6 +162,30 @@ class TaskModule(L.LightningModule):
             n = sum(p.numel() for p in self.parameters())
             rank_zero_info(f"{type(self).__name__}: {n:,} parameters, {n - self.frozen_parameters():,} trainable")
 
+    def on_test_start(self) -> None:
+        self._enter_inference_precision()
+
+    def on_predict_start(self) -> None:
+        self._enter_inference_precision()
+
+    def on_test_end(self) -> None:
+        self._leave_inference_precision()
+
+    def on_predict_end(self) -> None:
+        self._leave_inference_precision()
+
+    def _enter_inference_precision(self) -> None:
+        if self.inference_precision != "fp32" and self._inference is None:
+            self._inference = to_inference_precision(self, self.inference_precision)
+            detail = _int8_detail(self._inference) if self.inference_precision == "int8" else ""
+            rank_zero_info(f"{type(self).__name__}: evaluating in {self.inference_precision}{detail}")
+
+    def _leave_inference_precision(self) -> None:
+        """Back to the fp32 weights, so a `fit` or checkpoint after `test` sees the model it trained."""
+        if self._inference is not None:
+            self._inference.restore()
+            self._inference = None
+
     def frozen_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if not p.requires_grad)
 
@@ -244,3 +275,8 @@ def _unfused(optimizer: Optimizer) -> Optimizer:
     rank_zero_info(f"{type(optimizer).__name__}: fused=False, since Lightning clips mixed-precision gradients only "
                    "after unscaling them itself")
     return type(optimizer)(groups, **(settings | {"fused": False}))
+
+
+def _int8_detail(converted: Converted) -> str:
+    rows = ", ".join(f"{shape} from {n} rows" for shape, n in converted.min_rows.items())
+    return f": {converted.quantized} linear maps in int8 ({rows}), {converted.kept_float} kept fp32 (no faster)"

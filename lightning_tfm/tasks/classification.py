@@ -126,7 +126,7 @@ class ClassificationModule(TaskModule):
         """Cross-entropy against class indices (B,), or binary cross-entropy per label against (B, n) multi-hot."""
         if self.multi_label:
             return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits.float(), labels)
 
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         """Loss, accuracy and macro-F1 over the whole set: each example counted once across ranks."""

@@ -22,6 +22,12 @@ def test_a_bad_value_is_one_line_on_stderr_and_exit_code_1(in_process, monkeypat
     assert "Traceback" not in proc.stderr and "Union subtypes" not in proc.stderr
 
 
+def test_inference_precision_is_refused_for_fit(in_process, tmp_path):
+    proc = in_process("fit", "--config", LM, "--trainer.default_root_dir", tmp_path, "--inference_precision", "int8",
+                      ok=False)
+    assert error_line(proc) == "ValueError: inference_precision=int8 applies to test and predict, not to fit"
+
+
 def test_lightning_tfm_traceback_shows_the_traceback(tmp_path):
     proc = lightning_tfm("fit", "--config", LM, "--trainer.default_root_dir", tmp_path, *BAD_HEADS, ok=False,
                          extra_env={"LIGHTNING_TFM_TRACEBACK": "1"})

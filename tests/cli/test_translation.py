@@ -65,13 +65,15 @@ def test_translation_average_of_epoch_checkpoints_evaluates_like_any_checkpoint(
     assert math.isfinite(row["test_loss"]) and 0 <= row["test_bleu"] <= 100
 
 
-def test_translation_predict_writes_one_line_per_source(data, mt_run, tmp_path):
+def test_translation_predict_in_int8_writes_one_line_per_source(data, mt_run, tmp_path):
     sources = (data / "mt_val.en").read_text(encoding="utf-8").splitlines()[:5]
     (tmp_path / "src.txt").write_text("\n".join(sources) + "\n", encoding="utf-8")
     out = tmp_path / "translations.txt"
-    lightning_tfm("predict", "--config", MT, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
-                  mt_run / "checkpoints/best.ckpt", "--data.predict_path", tmp_path / "src.txt",
-                  "--predictions.path", out, "--trainer.enable_progress_bar", "false")
+    proc = lightning_tfm("predict", "--config", MT, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
+                         mt_run / "checkpoints/best.ckpt", "--data.predict_path", tmp_path / "src.txt",
+                         "--predictions.path", out, "--trainer.enable_progress_bar", "false",
+                         "--inference_precision", "int8")
+    assert re.search(r"TranslationModule: evaluating in int8: \d+ linear maps in int8", proc.stdout + proc.stderr)
     lines = out.read_text(encoding="utf-8").split("\n")
     assert len(lines) - 1 == len(sources) and lines[-1] == ""
     for line in lines[:-1]:                                  # plain text, special tokens dropped
