@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import BucketBatchSampler, ResumableBatches
+from lightning_tfm.data.compressed import find_file
 from lightning_tfm.data.tokenizers import (
     SpecialIds,
     SpecialTokens,
@@ -95,9 +96,9 @@ class TextDataModule(L.LightningDataModule):
         """Everything a trained tokenizer depends on; subclasses add their split settings."""
         files = []
         for name in self.training_files():
-            check_file("train_path", name)
-            stat = Path(name).stat()
-            files.append({"path": str(Path(name).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+            found = check_file("train_path", name)
+            stat = found.stat()
+            files.append({"path": str(found.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
         return {"kind": self.tokenizer_kind, "vocab_size": self.tokenizer_vocab_size,
                 "special_tokens": self.special_tokens.tokens(), "files": files}
 
@@ -240,10 +241,13 @@ class TextDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
 
-def check_file(key: str, path: str) -> None:
-    """Raise FileNotFoundError naming the config key when `path` is not a file."""
-    if not Path(path).is_file():
+def check_file(key: str, path: str) -> Path:
+    """The file to read for `data.<key>`: `path`, or its one compressed sibling `path.gz`/`.xz`/`.zst` when
+    `path` does not exist (`compressed.find_file`); FileNotFoundError naming the config key when neither is."""
+    found = find_file(path)
+    if not found.is_file():
         raise FileNotFoundError(f"data.{key}={path} does not exist")
+    return found
 
 
 def check_batching(max_tokens: int | None, batch_size: int | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import pad_batch
 from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
-from lightning_tfm.data.readers import Row, read_table
+from lightning_tfm.data.readers import BlankLines, Row, read_table
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
 
 
@@ -74,7 +75,8 @@ class ClassificationDataModule(TextDataModule):
     when the predict file has no label column. T is a multiple of 8.
 
     Args:
-        train_path: training table (.tsv read without quoting, .csv with standard quoting, .jsonl; optionally .gz).
+        train_path: training table (.tsv read without quoting, .csv with standard quoting, .jsonl), optionally
+            compressed (.gz, .xz, .zst); `train.tsv` finds `train.tsv.gz` when there is no `train.tsv`.
         val_path: validation table, or None (see val_fraction).
         test_path: test table, or None.
         predict_path: table to classify, which needs only the text column(s); None predicts the test split.
@@ -88,6 +90,10 @@ class ClassificationDataModule(TextDataModule):
             seed) as validation; the tokenizer and label names see only the rest. Ignored when val_path is set.
         max_len: most tokens per input, special tokens included.
         truncate: cut longer inputs to max_len with a warning; False raises naming the file and line.
+        blank_lines: what a row whose text (or text pair) is blank (empty or only whitespace) is in the train,
+            val and test splits: "drop" leaves such rows out with one warning counting them and naming the first
+            file and line; "error" stops at the first, naming its file and line. Predict files are read as they
+            are, one output per row.
         max_tokens: padded tokens per batch; None for fixed-size batches.
         batch_size: most examples per batch (all of them when max_tokens is None).
         tokenizer_path: an existing tokenizer.json; None trains one on the training texts.
@@ -106,8 +112,8 @@ class ClassificationDataModule(TextDataModule):
                  predict_path: str | None = None, text_column: str = "sentence", text_pair_column: str | None = None,
                  label_column: str = "label", label_delimiter: str | None = None,
                  label_names: list[str] | None = None, val_fraction: float = 0.0,
-                 max_len: int = 128,
-                 truncate: bool = True, max_tokens: int | None = None, batch_size: int | None = 32,
+                 max_len: int = 128, truncate: bool = True, blank_lines: BlankLines = "drop",
+                 max_tokens: int | None = None, batch_size: int | None = 32,
                  tokenizer_path: str | None = None, tokenizer_dir: str = "runs/tokenizers/classification",
                  tokenizer_kind: TokenizerKind = "bpe", tokenizer_vocab_size: int = 8000,
                  special_tokens: SpecialTokens = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>",
@@ -127,6 +133,7 @@ class ClassificationDataModule(TextDataModule):
         self.text_column, self.text_pair_column = text_column, text_pair_column
         self.label_column, self.label_delimiter = label_column, label_delimiter
         self.val_fraction, self.max_len, self.truncate = val_fraction, max_len, truncate
+        self.blank_lines = blank_lines
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self._rows: dict[str, list[Row]] = {}
         if label_names is not None and len(set(label_names)) != len(label_names):
@@ -223,8 +230,7 @@ class ClassificationDataModule(TextDataModule):
         if split in self._rows:
             return self._rows[split]
         if split in ("train", "val") and self.val_path is None and self.val_fraction > 0:
-            check_file("train_path", self.train_path)
-            rows = read_table(self.train_path, self._columns())
+            rows = self._read_table(check_file("train_path", self.train_path))
             n_val = max(1, round(len(rows) * self.val_fraction))
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
             self._rows["val"] = [rows[i] for i in sorted(order[:n_val])]
@@ -232,12 +238,17 @@ class ClassificationDataModule(TextDataModule):
             return self._rows[split]
         key = "test" if split == "predict" and self.predict_path is None else split
         path = getattr(self, f"{key}_path")
-        check_file(f"{key}_path", path)
+        found = check_file(f"{key}_path", path)
         if split == "predict" and self.predict_path is not None:  # a file to classify may have no labels
-            self._rows[split] = read_table(path, self._columns(labeled=False), optional=[self.label_column])
+            self._rows[split] = read_table(found, self._columns(labeled=False), optional=[self.label_column])
         else:
-            self._rows[split] = read_table(path, self._columns())
+            self._rows[split] = self._read_table(found)
         return self._rows[split]
+
+    def _read_table(self, path: Path) -> list[Row]:
+        """A labelled split's rows, those with a blank text dropped or refused (`blank_lines`)."""
+        return read_table(path, self._columns(), text_columns=self._columns(labeled=False),
+                          blank_lines=self.blank_lines)
 
     def _labels(self, row: Row) -> list[str]:
         cell = row[self.label_column]

@@ -92,7 +92,7 @@ class LanguageModelDataModule(TextDataModule):
     of B token id lists of different lengths; "texts", the B prompt strings; "index" (B,) int64.
 
     Args:
-        train_path: a text file read whole.
+        train_path: a text file read whole, optionally compressed (.gz, .xz, .zst; `input.txt` finds `input.txt.gz`).
         val_path: validation text file, or None to split it off the end of train.
         test_path: test text file, or None.
         predict_path: prompts to continue, one a line (a line's own newline is not part of its prompt).
@@ -183,22 +183,20 @@ class LanguageModelDataModule(TextDataModule):
     def _split_text(self, split: str) -> str:
         if split not in self._texts:
             if split in ("train", "val") and self.val_path is None:
-                check_file("train_path", self.train_path)
-                text = read_text(self.train_path)
+                text = read_text(check_file("train_path", self.train_path))   # or its .gz/.xz/.zst
                 cut = int(len(text) * (1 - self.val_fraction))
                 self._texts["train"], self._texts["val"] = text[:cut], text[cut:]
             else:
-                check_file(f"{split}_path", getattr(self, f"{split}_path"))
-                self._texts[split] = read_text(getattr(self, f"{split}_path"))
+                self._texts[split] = read_text(check_file(f"{split}_path", getattr(self, f"{split}_path")))
         return self._texts[split]
 
     def _prompts(self) -> list[dict[str, Any]]:
-        check_file("predict_path", self.predict_path)
-        texts = read_lines(self.predict_path)
+        path = check_file("predict_path", self.predict_path)
+        texts = read_lines(path)
         ids = self.encode(texts)
         for line, prompt in enumerate(ids, start=1):
             if not prompt:
-                raise ValueError(f"{self.predict_path}:{line}: empty prompt; give every line some text")
+                raise ValueError(f"{path}:{line}: empty prompt; give every line some text")
         return [{"index": i, "prompt": p, "text": t} for i, (p, t) in enumerate(zip(ids, texts))]
 
     def _windows(self, split: str) -> DataLoader:

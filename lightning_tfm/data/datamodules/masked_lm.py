@@ -131,10 +131,10 @@ class MaskedLMDataModule(TextDataModule):
     """Unlabeled texts for masked-LM pretraining of an encoder, SST-2's training sentences by default.
 
     A split is a plain text file with one example per line (stripped; blank lines skipped), or a `.tsv`/`.csv`/
-    `.jsonl` table (optionally `.gz`) of which `text_column` is read (empty cells skipped). Each example is
-    `cls + tokens + sep`, truncated to `max_len` with a warning. The tokenizer is trained on the training split
-    only. Masking happens in the collate function (see the module docstring); special tokens and padding are
-    never chosen.
+    `.jsonl` table of which `text_column` is read (empty cells skipped); either may be compressed (`.gz`, `.xz`,
+    `.zst`). Each example is `cls + tokens + sep`, truncated to `max_len` with a warning. The tokenizer is trained
+    on the training split only. Masking happens in the collate function (see the module docstring); special tokens
+    and padding are never chosen.
 
     Batches: "ids" (B, T) int64, the corrupted inputs; "mask" (B, T) bool (True = real token); "labels" (B, T)
     int64, the original id at chosen positions and -100 elsewhere; "index" (B,) int64, each example's position
@@ -272,7 +272,7 @@ class MaskedLMDataModule(TextDataModule):
 
     def _read(self, key: str, path: str) -> list[Row]:
         """Non-empty texts of a plain text file (one a line) or of a table's text column, as rows."""
-        check_file(f"{key}_path", path)
+        path = str(check_file(f"{key}_path", path))   # or its .gz/.xz/.zst
         if is_table(path):
             rows = read_table(path, [self.text_column])
         else:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import pad_batch
 from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
-from lightning_tfm.data.readers import is_table, read_lines, read_parallel, read_table
+from lightning_tfm.data.readers import BlankLines, is_table, read_lines, read_pairs, read_table
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
 
 
@@ -63,8 +63,9 @@ class TranslationDataModule(TextDataModule):
     """Source/target pairs for sequence-to-sequence training, Multi30k En→De by default.
 
     A split is either a path prefix P, read as the line-aligned files `P.<src_lang>` and `P.<tgt_lang>`, or a
-    `.tsv`/`.csv`/`.jsonl` file (optionally `.gz`) whose columns are named `src_lang` and `tgt_lang`. Flipping
-    the direction is one override (`--data.src_lang de --data.tgt_lang en`).
+    `.tsv`/`.csv`/`.jsonl` file whose columns are named `src_lang` and `tgt_lang`. Every file may be compressed
+    (`.gz`, `.xz`, `.zst`), and `P.en` finds `P.en.gz` when there is no `P.en`. Flipping the direction is one
+    override (`--data.src_lang de --data.tgt_lang en`).
 
     One tokenizer is trained on the source and target sides of the training split. Each source is its
     tokens + eos (fairseq's convention; the eos tells the encoder where the sentence ends), each target is
@@ -85,6 +86,10 @@ class TranslationDataModule(TextDataModule):
         max_len: most tokens in a source or target, its special tokens included.
         truncate: cut longer sequences to max_len (keeping the eos) with a warning; False raises naming
             the file and line.
+        blank_lines: what a pair with a blank (empty or whitespace-only) source or target is in the train, val
+            and test splits: "drop" leaves such pairs out with one warning counting them and naming the first
+            file and line; "error" stops at the first, naming its file and line. Predict files are read as they
+            are, one output per line.
         max_tokens: padded tokens per batch, counted on the longer side; None for fixed-size batches.
         batch_size: most pairs per batch (all of them when max_tokens is None); None for no cap.
         tokenizer_path: an existing tokenizer.json; None trains one on the training split.
@@ -102,7 +107,8 @@ class TranslationDataModule(TextDataModule):
                  val_path: str | None = "../shared/data/multi30k/val",
                  test_path: str | None = "../shared/data/multi30k/test2016", predict_path: str | None = None,
                  src_lang: str = "en", tgt_lang: str = "de", max_len: int = 256, truncate: bool = False,
-                 max_tokens: int | None = 4096, batch_size: int | None = None, tokenizer_path: str | None = None,
+                 blank_lines: BlankLines = "drop", max_tokens: int | None = 4096, batch_size: int | None = None,
+                 tokenizer_path: str | None = None,
                  tokenizer_dir: str = "runs/tokenizers/translation", tokenizer_kind: TokenizerKind = "bpe",
                  tokenizer_vocab_size: int = 8000, special_tokens: SpecialTokens = SpecialTokens(),
                  num_workers: int = 0, seed: int = 0) -> None:
@@ -116,8 +122,9 @@ class TranslationDataModule(TextDataModule):
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.predict_path = predict_path
         self.src_lang, self.tgt_lang = src_lang, tgt_lang
-        self.max_len, self.truncate = max_len, truncate
+        self.max_len, self.truncate, self.blank_lines = max_len, truncate, blank_lines
         self.max_tokens, self.batch_size = max_tokens, batch_size
+        self._texts: dict[str, _Texts] = {}
 
     def training_files(self) -> list[str]:
         return self._files(self.train_path)
@@ -166,22 +173,28 @@ class TranslationDataModule(TextDataModule):
         return [path] if is_table(path) else [f"{path}.{self.src_lang}", f"{path}.{self.tgt_lang}"]
 
     def _read(self, split: str) -> _Texts:
+        """The split's texts, read once: the tokenizer and the dataset share them, and a warning about blank
+        lines comes once."""
+        if split not in self._texts:
+            self._texts[split] = self._read_files(split)
+        return self._texts[split]
+
+    def _read_files(self, split: str) -> _Texts:
         if split == "predict" and self.predict_path is not None:
-            check_file("predict_path", self.predict_path)
-            sources = read_lines(self.predict_path)
-            return _Texts(sources, None, self.predict_path, self.predict_path, list(range(1, len(sources) + 1)))
+            path = str(check_file("predict_path", self.predict_path))
+            sources = read_lines(path)
+            return _Texts(sources, None, path, path, list(range(1, len(sources) + 1)))
         key = "test" if split == "predict" else split
         path = getattr(self, f"{key}_path")
-        for name in self._files(path):
-            check_file(f"{key}_path", name)
+        files = [str(check_file(f"{key}_path", name)) for name in self._files(path)]   # or their .gz/.xz/.zst
+        langs = [self.src_lang, self.tgt_lang]
         if is_table(path):
-            rows = read_table(path, [self.src_lang, self.tgt_lang])
-            return _Texts([r[self.src_lang] for r in rows], [r[self.tgt_lang] for r in rows], path, path,
+            rows = read_table(files[0], langs, text_columns=langs, blank_lines=self.blank_lines)
+            return _Texts([r[self.src_lang] for r in rows], [r[self.tgt_lang] for r in rows], files[0], files[0],
                           [r.line for r in rows])
-        src_file, tgt_file = self._files(path)
-        pairs = read_parallel(src_file, tgt_file)
-        return _Texts([s for s, _ in pairs], [t for _, t in pairs], src_file, tgt_file,
-                      list(range(1, len(pairs) + 1)))
+        pairs = read_pairs(files[0], files[1], self.blank_lines)
+        return _Texts([p.source for p in pairs], [p.target for p in pairs], files[0], files[1],
+                      [p.line for p in pairs])
 
     def _fit(self, split: str, side: str, seqs: list[list[int]], prefix: list[int], suffix: list[int],
              file: str, lines: list[int]) -> list[list[int]]:

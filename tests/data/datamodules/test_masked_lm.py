@@ -224,7 +224,7 @@ def test_errors(mlm, tmp_path):
                                          r"\['sentence', 'label'\]"):
         make(mlm.train_path, tmp_path, text_column="text").vocab_size
     (tmp_path / "blank.txt").write_text("\n  \n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"data\.train_path=.*blank\.txt holds no text"):
+    with pytest.raises(ValueError, match=r"blank\.txt holds no text, only whitespace \(4 bytes\)"):
         make(tmp_path / "blank.txt", tmp_path).vocab_size
     with pytest.raises(FileNotFoundError, match=r"data\.test_path=.*missing\.txt does not exist"):
         make(mlm.train_path, mlm.tokenizer_dir, test_path=str(tmp_path / "missing.txt")).setup("test")
