@@ -95,14 +95,14 @@ def test_int8_saturation_safe_levels_on_x86_without_vnni():
 
 def _timed(int8_faster_from: int | None):
     """A stand-in for the timing: int8 takes half fp32's time from `int8_faster_from` rows on, else twice."""
-    def median_seconds(layer, x, repeats=7):
+    def best_seconds(layer, x, repeats=7):
         faster = int8_faster_from is not None and x.shape[0] >= int8_faster_from
         return 1.0 if not isinstance(layer, Int8Linear) else 0.5 if faster else 2.0
-    return median_seconds
+    return best_seconds
 
 
 def test_int8_is_used_from_the_rows_where_it_was_measured_faster(monkeypatch):
-    monkeypatch.setattr(inference, "_median_seconds", _timed(16))
+    monkeypatch.setattr(inference, "_best_seconds", _timed(16))
     model = _model()
     converted = to_inference_precision(model, "int8")
     assert set(converted.min_rows.values()) == {16} and converted.kept_float == 0
@@ -110,7 +110,7 @@ def test_int8_is_used_from_the_rows_where_it_was_measured_faster(monkeypatch):
 
 
 def test_int8_that_is_never_faster_keeps_fp32_with_a_warning(monkeypatch):
-    monkeypatch.setattr(inference, "_median_seconds", _timed(None))
+    monkeypatch.setattr(inference, "_best_seconds", _timed(None))
     model = _model()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
