@@ -173,11 +173,14 @@ class _Beams:
         V = log_probs.shape[-1]
         candidates = (self.live_scores[..., None] + log_probs).view(B, k * V)   # (B', k V) all extensions
         at_limit = (n >= self.limits)[:, None]                                  # (B', 1)
-        best, index = candidates.topk(k, dim=-1)                                # (B', k) the new beam
-        ending = (index % V == eos_id) | at_limit
-        self._finish(best.masked_fill(~ending, _NEG_INF), index // V, index % V, n, alpha)
-        is_eos = torch.arange(k * V, device=candidates.device) % V == eos_id    # (k V,)
-        best, index = candidates.masked_fill(is_eos, _NEG_INF).topk(k, dim=-1)  # (B', k) the k best that go on
+        # at most k of the candidates end in EOS (one per beam), so the 2k best hold the k best that end here
+        # and the k best that go on: one top-k over k V candidates instead of two and a masked copy
+        best, index = candidates.topk(2 * k, dim=-1)                            # (B', 2k), best first
+        is_eos = index % V == eos_id
+        self._finish(best[:, :k].masked_fill(~(is_eos[:, :k] | at_limit), _NEG_INF), index[:, :k] // V,
+                     index[:, :k] % V, n, alpha)
+        order = (is_eos.long() * 2 * k + torch.arange(2 * k, device=index.device)).argsort(dim=-1)[:, :k]
+        best, index = best.gather(1, order), index.gather(1, order)             # (B', k) the k best going on
         parents, tokens = index // V, index % V
         self.live_tokens = _extended(self.live_tokens, parents, tokens, n)
         self.live_scores = best.masked_fill(at_limit, _NEG_INF)
