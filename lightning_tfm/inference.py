@@ -79,6 +79,7 @@ def to_inference_precision(model: nn.Module, precision: str, flags: frozenset[st
     elif precision == "int8":
         _quantize_linears(model, converted, activation_levels(device, flags), measure)
         if converted.quantized == 0 and converted.kept_float:
+            converted.precision = "fp32"                      # what the model now computes in
             warnings.warn(f"inference_precision=int8: no linear map of {type(model).__name__} ran faster in int8 "
                           "than in fp32 on this machine (measured at 1 to 256 rows), so it stays fp32", stacklevel=2)
     return converted
@@ -116,7 +117,7 @@ def _quantize_linears(model: nn.Module, converted: Converted, levels: int, measu
             converted.quantized += 1
 
 
-PROBE_ROWS = (1, 4, 16, 64, 256)
+PROBE_ROWS = (1, 4, 16, 32, 64, 128, 256)   # 128: beam 4 over batches of 32
 
 
 @torch.no_grad()

@@ -115,7 +115,7 @@ def test_int8_that_is_never_faster_keeps_fp32_with_a_warning(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         converted = to_inference_precision(model, "int8")
-    assert converted.quantized == 0 and converted.kept_float == 21
+    assert converted.quantized == 0 and converted.kept_float == 21 and converted.precision == "fp32"
     assert any("no linear map of EncoderDecoder ran faster in int8" in str(w.message) for w in caught)
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
 
