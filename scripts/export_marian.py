@@ -55,20 +55,19 @@ def marian_state(model: EncoderDecoder) -> dict[str, Tensor]:
             m[f"{dst}.{name}_proj.weight"], m[f"{dst}.{name}_proj.bias"] = w[i * C:(i + 1) * C], b[i * C:(i + 1) * C]
         writes(f"{src}.out", f"{dst}.out_proj")
 
+    def block(src: str, dst: str, attentions: tuple[tuple[str, str], ...]) -> None:
+        """One layer: its attention sub-layers (ours, Marian's name), then the feed-forward, each with its norm."""
+        for ours, theirs in attentions:
+            attention(f"{src}.{ours}", f"{dst}.{theirs}")
+            writes(f"{src}.{ours}_residual.norm", f"{dst}.{theirs}_layer_norm")
+        reads(f"{src}.feedforward.fc1", f"{dst}.fc1")
+        writes(f"{src}.feedforward.fc2", f"{dst}.fc2")
+        writes(f"{src}.feedforward_residual.norm", f"{dst}.final_layer_norm")
+
     for i in range(len(model.encoder.layers)):
-        e, d = f"encoder.layers.{i}", f"decoder.layers.{i}"
-        attention(f"{e}.attention", f"model.{e}.self_attn")
-        writes(f"{e}.attention_residual.norm", f"model.{e}.self_attn_layer_norm")
-        reads(f"{e}.feedforward.fc1", f"model.{e}.fc1")
-        writes(f"{e}.feedforward.fc2", f"model.{e}.fc2")
-        writes(f"{e}.feedforward_residual.norm", f"model.{e}.final_layer_norm")
-        attention(f"{d}.self_attention", f"model.{d}.self_attn")
-        writes(f"{d}.self_attention_residual.norm", f"model.{d}.self_attn_layer_norm")
-        attention(f"{d}.cross_attention", f"model.{d}.encoder_attn")
-        writes(f"{d}.cross_attention_residual.norm", f"model.{d}.encoder_attn_layer_norm")
-        reads(f"{d}.feedforward.fc1", f"model.{d}.fc1")
-        writes(f"{d}.feedforward.fc2", f"model.{d}.fc2")
-        writes(f"{d}.feedforward_residual.norm", f"model.{d}.final_layer_norm")
+        block(f"encoder.layers.{i}", f"model.encoder.layers.{i}", (("attention", "self_attn"),))
+        block(f"decoder.layers.{i}", f"model.decoder.layers.{i}",
+              (("self_attention", "self_attn"), ("cross_attention", "encoder_attn")))
     return m
 
 

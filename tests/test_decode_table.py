@@ -18,12 +18,13 @@ sys.path.insert(0, str(SCRIPTS))
 
 import decode_systems  # noqa: E402
 import decode_table  # noqa: E402
+from commands import DATA as SHARED_DATA  # noqa: E402
 from race_marian import TINY, build_marian, specials  # noqa: E402
 
 from lightning_tfm.data.tokenizers import load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 from lightning_tfm.models.hf_convert import from_huggingface  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+DATA = SHARED_DATA / "multi30k"
 
 
 def _head(src: Path, dst: Path, n: int) -> list[str]:
@@ -36,8 +37,6 @@ def _head(src: Path, dst: Path, n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A BPE tokenizer trained on 300 training pairs, 20 test pairs, and a seeded TINY Marian folder."""
-    if not (DATA / "train.en").is_file():
-        pytest.skip(f"Multi30k not found under {DATA}")
     root = tmp_path_factory.mktemp("decode_table")
     texts = []
     for side in ("en", "de"):
