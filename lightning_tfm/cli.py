@@ -3,6 +3,7 @@
     lightning_tfm fit --config configs/lm/shakespeare_char_small.yaml
     lightning_tfm test --config configs/lm/shakespeare_char_small.yaml --ckpt_path best
     lightning_tfm predict --config ... --ckpt_path best --data.predict_path prompts.txt --predictions.path out.txt
+    lightning_tfm prepare --config configs/translation/multi30k_small.yaml --data.init_args.prepared_dir DIR
     lightning_tfm average runs/NAME/checkpoints/step-*.ckpt --last 5 --output runs/NAME/checkpoints/averaged.ckpt
     lightning_tfm export runs/NAME/checkpoints/best.ckpt --output exported/NAME
     lightning_tfm attention runs/NAME/checkpoints/best.ckpt --text "..." --output pictures/NAME
@@ -49,6 +50,7 @@ blocks (by class_path inside a model):  attention MultiHeadAttention; feedforwar
                            GELUFeedForward, SiLUFeedForward, SwiGLU; norm LayerNorm, RMSNorm; positions
                            SinusoidalPositions, LearnedPositions, RotaryPositions, ALiBiPositions
 
+Tokenize once into memory-mapped rows:  lightning_tfm prepare --config FILE   (data.init_args.prepared_dir)
 Average checkpoints (paper §6.1):  lightning_tfm average CKPT [CKPT ...] [--last N] --output FILE
 Export for prediction anywhere:     lightning_tfm export CKPT --output DIR   (then predict --config DIR/config.yaml)
 Attention maps of a checkpoint:     lightning_tfm attention CKPT --text TEXT [--attention cross] [--rollout]
@@ -206,6 +208,9 @@ def main(args: list[str] | None = None) -> None:
         return average(argv[1:])
     if argv[:1] == ["export"]:
         return export(argv[1:])
+    if argv[:1] == ["prepare"]:
+        from lightning_tfm.prepare_command import prepare_command
+        return prepare_command(argv[1:])
     if argv[:1] == ["attention"]:
         from lightning_tfm.viz.attention_command import attention  # matplotlib only when drawing
         return attention(argv[1:])

@@ -10,6 +10,7 @@ import gzip
 import lzma
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 SUFFIXES = (".gz", ".xz", ".zst")
 _CODECS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd"}
@@ -46,20 +47,29 @@ def read_bytes(path: Path) -> bytes:
     Raises:
         ValueError: the archive is truncated or corrupt, naming the file and what its decoder found.
     """
+    return path.read_bytes() if path.suffix.lower() not in _CODECS else b"".join(byte_chunks(path))
+
+
+def byte_chunks(path: Path) -> Iterator[bytes]:
+    """The file's bytes in chunks of about `_CHUNK`, decompressed by its suffix as `read_bytes` does, so a corpus
+    larger than memory can be streamed.
+
+    Raises:
+        ValueError: as `read_bytes`, when the stream reaches the damage.
+    """
     suffix = path.suffix.lower()
-    if suffix not in _CODECS:
-        return path.read_bytes()
-    codec = _CODECS[suffix]
+    codec = _CODECS.get(suffix)
+    if suffix == ".zst":
+        yield from _zstd_chunks(path)
+        return
+    opener = gzip.open if suffix == ".gz" else lzma.open if suffix == ".xz" else open
     try:
-        if suffix == ".zst":
-            return _read_zstd(path)
-        with (gzip.open if suffix == ".gz" else lzma.open)(path, "rb") as f:
-            return f.read()
+        with opener(path, "rb") as f:
+            yield from iter(lambda: f.read(_CHUNK), b"")
     except EOFError as e:
-        raise ValueError(f"{path}: truncated {codec} file: it ends before its end-of-stream marker (an interrupted "
-                         "download or copy?); fetch or compress it again") from e
+        raise _truncated(path, codec) from e
     except (gzip.BadGzipFile, zlib.error, lzma.LZMAError) as e:
-        raise _corrupt(path, codec, e) from e
+        raise _corrupt(path, codec or "plain", e) from e
 
 
 def compressed_look(data: bytes) -> str | None:
@@ -68,26 +78,31 @@ def compressed_look(data: bytes) -> str | None:
     return next((suffix for magic, suffix in _MAGIC.items() if data.startswith(magic)), None)
 
 
-def _read_zstd(path: Path) -> bytes:
+def _zstd_chunks(path: Path) -> Iterator[bytes]:
     import zstandard  # only .zst corpora need it
 
     # decompressobj rather than stream_reader: the reader returns a truncated frame's bytes without a word, while a
     # frame object says whether it reached its end (`eof`), so a cut file is caught
     decompressor = zstandard.ZstdDecompressor()
-    frame, in_frame, out = decompressor.decompressobj(), False, []
+    frame, in_frame = decompressor.decompressobj(), False
     try:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 while chunk:                    # one chunk may end a frame and start the next
-                    out.append(frame.decompress(chunk))
-                    in_frame, chunk = True, b""
+                    out, in_frame, chunk = frame.decompress(chunk), True, b""
+                    if out:
+                        yield out
                     if frame.eof:
                         chunk, frame, in_frame = frame.unused_data, decompressor.decompressobj(), False
     except zstandard.ZstdError as e:
         raise _corrupt(path, "zstd", e) from e
     if in_frame:
-        raise EOFError(f"{path}: the last zstd frame is cut off")
-    return b"".join(out)
+        raise _truncated(path, "zstd")
+
+
+def _truncated(path: Path, codec: str | None) -> ValueError:
+    return ValueError(f"{path}: truncated {codec} file: it ends before its end-of-stream marker (an interrupted "
+                      "download or copy?); fetch or compress it again")
 
 
 def _corrupt(path: Path, codec: str, error: Exception) -> ValueError:

@@ -1,7 +1,8 @@
 """`lightning_tfm fit`, `test`, `average` and `predict` for translation, run as a subprocess from the
 repository root on a slice of Multi30k, with every output below pytest's tmp_path.
 
-The model is fitted once for this file (tiny model, 20 steps) and its checkpoints are shared by the tests.
+The model is fitted once for this file (tiny model, 20 steps) and its checkpoints are shared by the tests; the
+fit reads prepared rows (`data.prepared_dir`), which it prepares itself first.
 `test` on the validation slice from best.ckpt must reproduce the validation loss logged at that step.
 `average` builds no Trainer, so it runs in this process (`in_process`, tests/conftest.py).
 """
@@ -24,8 +25,20 @@ def mt_run(data, tmp_path_factory) -> Path:
     lightning_tfm("fit", "--config", MT, "--trainer.default_root_dir", run, *TINY,
                   "--model.init_args.max_extra_len", 8, "--data.train_path", data / "mt_train",
                   "--data.val_path", data / "mt_val", "--data.tokenizer_vocab_size", 1000, "--data.max_tokens", 512,
-                  "--trainer.limit_train_batches", 10)
+                  "--trainer.limit_train_batches", 10, "--data.prepared_dir", run / "prepared")
     return run
+
+
+def test_prepare_command_finds_the_rows_fit_prepared_and_refuses_a_changed_setting(data, mt_run, in_process):
+    args = ["prepare", "--config", MT, "--trainer.default_root_dir", mt_run, "--data.train_path", data / "mt_train",
+            "--data.val_path", data / "mt_val", "--data.tokenizer_vocab_size", 1000,
+            "--data.prepared_dir", mt_run / "prepared"]
+    assert in_process(*args).stdout.strip() == f"{mt_run / 'prepared' / 'manifest.json'}: up to date, nothing to do"
+    proc = in_process(*args, "--data.max_len", 100, ok=False)
+    assert proc.returncode == 1 and re.search(r"max_len 256 -> 100; rerun with --rebuild", proc.stderr)
+    assert "Traceback" not in proc.stderr
+    proc = in_process(*args[:-2], ok=False)
+    assert "data.init_args.prepared_dir is not set: add it to the config" in proc.stderr
 
 
 def test_translation_fit_logs_loss_and_bleu(mt_run):

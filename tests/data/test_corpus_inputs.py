@@ -22,6 +22,7 @@ from lightning_tfm.data import (
     TranslationDataModule,
 )
 from lightning_tfm.data.readers import read_lines, read_pairs, read_table, read_text
+from lightning_tfm.data.streams import iter_lines, iter_pairs
 
 COMPRESS = {".gz": gzip.compress, ".xz": lzma.compress,
             ".zst": lambda data: zstandard.ZstdCompressor(write_checksum=True).compress(data)}
@@ -67,6 +68,8 @@ def test_compressed_files_read_as_the_plain_file(tmp_path, data_dir, suffix):
     assert read_text(packed / f"text.txt{suffix}") == read_text(plain / "text.txt")
     assert read_lines(packed / f"p.de{suffix}") == read_lines(plain / "p.de")
     assert read_pairs(packed / f"p.en{suffix}", packed / f"p.de{suffix}") == read_pairs(plain / "p.en", plain / "p.de")
+    assert list(iter_lines(packed / "p.de")) == read_lines(plain / "p.de")           # streamed (prepare) alike
+    assert list(iter_pairs(packed / "p.en", packed / "p.de")) == read_pairs(plain / "p.en", plain / "p.de")
     for table, columns in (("t.tsv", ["sentence", "label"]), ("t.csv", ["label", "text"]), ("t.jsonl", ["en", "de"])):
         theirs, ours = read_table(plain / table, columns), read_table(packed / f"{table}{suffix}", columns)
         assert [(r.line, r.values) for r in ours] == [(r.line, r.values) for r in theirs] and len(ours) > 30
@@ -79,7 +82,7 @@ def test_concatenated_members_and_frames_read_whole(tmp_path, monkeypatch, suffi
     monkeypatch.setattr(compressed, "_CHUNK", 5)
     path = tmp_path / f"x.txt{suffix}"
     path.write_bytes(COMPRESS[suffix](b"one\ntwo\n") + COMPRESS[suffix](b"three\n"))
-    assert read_lines(path) == ["one", "two", "three"]
+    assert read_lines(path) == list(iter_lines(path)) == ["one", "two", "three"]
 
 
 @pytest.mark.parametrize("suffix", COMPRESS)
@@ -121,8 +124,9 @@ def test_broken_archives_are_a_value_error_naming_the_file(tmp_path, data_dir, s
     path.write_bytes(data)
     what = rf"truncated {CODEC[suffix]} file" if damage == "truncated" else \
         rf"not a valid {CODEC[suffix]} file, or a corrupt one \(.+\)"
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {what}"):
-        read_lines(path)
+    for read in (read_lines, lambda p: list(iter_lines(p))):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {what}"):
+            read(path)
 
 
 def test_a_compressed_file_without_its_suffix_is_named_for_what_it_is(tmp_path):
@@ -130,6 +134,8 @@ def test_a_compressed_file_without_its_suffix_is_named_for_what_it_is(tmp_path):
     with pytest.raises(ValueError, match=r"train\.en:1: not valid UTF-8 .*; it looks like a \.gz file: add that "
                                          r"suffix to its name"):
         read_lines(path)
+    with pytest.raises(ValueError, match=r"train\.en:1: not valid UTF-8 .*; it looks like a \.gz file"):
+        list(iter_lines(path))
 
 
 @pytest.mark.parametrize("suffix", ["", *COMPRESS])
@@ -139,7 +145,8 @@ def test_a_file_without_text_is_a_value_error_naming_it(tmp_path, suffix, data):
     write(tmp_path / "train.de", "ein Hund .\n" * data.count(b"\n"))
     found = "is empty" if not data else rf"holds no text, only whitespace \({len(data)} bytes?\)$"
     message = rf"^{re.escape(str(path))} {found}"
-    for read in (lambda: read_text(tmp_path / "train.en"), lambda: read_pairs(path, tmp_path / "train.de")):
+    for read in (lambda: read_text(tmp_path / "train.en"), lambda: read_pairs(path, tmp_path / "train.de"),
+                 lambda: list(iter_pairs(path, tmp_path / "train.de"))):
         with pytest.raises(ValueError, match=message):
             read()
     jsonl = write(tmp_path / "t.jsonl", data, suffix)
@@ -158,11 +165,12 @@ def blank_pairs(folder: Path, suffix: str = "") -> tuple[Path, Path]:
 
 def test_blank_pairs_are_dropped_with_one_warning_naming_the_first(tmp_path):
     source, target = blank_pairs(tmp_path)
-    pairs, messages = caught(lambda: read_pairs(source, target))
-    assert [(p.line, p.source, p.target) for p in pairs] == [
-        (1, "dog .", "ein Hund ."), (3, "a cat .", "eine Katze ."), (6, "a fish .", "ein Fisch .")]
-    assert messages == [f"left out 3 of 6 pairs with a blank source or target line (the first at {source}:2); "
-                        "set blank_lines=error to stop at them instead"]
+    for read in (read_pairs, lambda s, t: list(iter_pairs(s, t))):
+        pairs, messages = caught(lambda: read(source, target))
+        assert [(p.line, p.source, p.target) for p in pairs] == [
+            (1, "dog .", "ein Hund ."), (3, "a cat .", "eine Katze ."), (6, "a fish .", "ein Fisch .")]
+        assert messages == [f"left out 3 of 6 pairs with a blank source or target line (the first at {source}:2); "
+                            "set blank_lines=error to stop at them instead"]
 
 
 def test_blank_lines_error_names_the_file_and_line(tmp_path):
@@ -172,14 +180,20 @@ def test_blank_lines_error_names_the_file_and_line(tmp_path):
                                          r"whitespace\), so the pair is no example; fix or remove it, or set "
                                          r"blank_lines=drop to leave such pairs out with a warning$"):
         read_pairs(source, target, blank_lines="error")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(target))}:4: the target line is blank"):
+        list(iter_pairs(source, target, blank_lines="error"))
     with pytest.raises(ValueError, match=r"blank_lines='skip', must be 'drop' or 'error'"):
         read_pairs(source, target, blank_lines="skip")
 
 
 def test_files_without_a_pair_holding_text_on_both_sides_are_an_error(tmp_path):
     source, target = write(tmp_path / "a.en", "one\n\n"), write(tmp_path / "a.de", "\neins\n")
-    with pytest.raises(ValueError, match=r"a\.en and .*a\.de: no line pair holds text on both sides"):
-        caught(lambda: read_pairs(source, target))
+    for read in (read_pairs, lambda s, t: list(iter_pairs(s, t))):
+        with pytest.raises(ValueError, match=r"a\.en and .*a\.de: no line pair holds text on both sides"):
+            caught(lambda: read(source, target))
+    short = write(tmp_path / "b.de", "eins\n")
+    with pytest.raises(ValueError, match=r"a\.en has more lines than .*b\.de \(.*b\.de ends after line 1\)"):
+        list(iter_pairs(source, short))
 
 
 def test_table_rows_with_a_blank_text_are_dropped_or_refused(tmp_path):

@@ -8,16 +8,22 @@ approximately 25000 source tokens and 25000 target tokens" follow Vaswani et al.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import pad_batch
 from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
+from lightning_tfm.data.prepare import Example, open_split, prepare, read_manifest
 from lightning_tfm.data.readers import BlankLines, is_table, read_lines, read_pairs, read_table
+from lightning_tfm.data.shards import Rows
+from lightning_tfm.data.streams import iter_pairs
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
 
 
@@ -45,6 +51,30 @@ class TranslationDataset(Dataset):
         return {"index": i, "src": self.src[i], "tgt": None if self.tgt is None else self.tgt[i],
                 "source": self.texts.sources[i],
                 "ref": None if self.texts.targets is None else self.texts.targets[i]}
+
+    def lengths(self) -> np.ndarray:
+        """Each pair's longer side, in tokens (what a batch's budget counts)."""
+        return np.array([max(len(s), len(t)) for s, t in zip(self.src, self.tgt or self.src)], dtype=np.int64)
+
+
+class PreparedTranslationDataset(Dataset):
+    """Pairs read from prepared rows (`lightning_tfm prepare`): the items of `TranslationDataset`, with the raw
+    strings where the split kept them (val and test) and empty strings for the training split."""
+
+    def __init__(self, tokens: dict[str, Rows], texts: dict[str, Rows]) -> None:
+        self.src, self.tgt, self.texts = tokens["src"], tokens["tgt"], texts
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        source = self.texts["src"].text(i) if self.texts else ""
+        ref = self.texts["tgt"].text(i) if self.texts else ""
+        return {"index": i, "src": self.src[i].astype(np.int64), "tgt": self.tgt[i].astype(np.int64),
+                "source": source, "ref": ref}
+
+    def lengths(self) -> np.ndarray:
+        return np.maximum(self.src.lengths(), self.tgt.lengths())
 
 
 def collate_translation(items: list[dict[str, Any]], pad_id: int, pad_to_multiple: int = 8) -> dict[str, Any]:
@@ -99,6 +129,10 @@ class TranslationDataModule(TextDataModule):
         special_tokens: pad, unk, bos and eos are required.
         num_workers: DataLoader worker processes.
         seed: seed of the batch order.
+        prepared_dir: read the train, val and test splits from rows prepared in this folder (`lightning_tfm
+            prepare --config CONFIG`, or the first `fit`), memory-mapped, instead of reading and tokenizing the
+            raw files each run; the raw files stay the source of truth and a change to them, to the tokenizer or
+            to the settings above is refused until the data is prepared again. None reads the raw files.
     """
 
     required_specials = ("pad", "bos", "eos")
@@ -111,7 +145,7 @@ class TranslationDataModule(TextDataModule):
                  tokenizer_path: str | None = None,
                  tokenizer_dir: str = "runs/tokenizers/translation", tokenizer_kind: TokenizerKind = "bpe",
                  tokenizer_vocab_size: int = 8000, special_tokens: SpecialTokens = SpecialTokens(),
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, prepared_dir: str | None = None) -> None:
         super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
                          num_workers, seed)
         if src_lang == tgt_lang:
@@ -124,6 +158,7 @@ class TranslationDataModule(TextDataModule):
         self.src_lang, self.tgt_lang = src_lang, tgt_lang
         self.max_len, self.truncate, self.blank_lines = max_len, truncate, blank_lines
         self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.prepared_dir = prepared_dir
         self._texts: dict[str, _Texts] = {}
 
     def training_files(self) -> list[str]:
@@ -142,9 +177,11 @@ class TranslationDataModule(TextDataModule):
             return (self.predict_path or self.test_path) is not None
         return getattr(self, f"{split}_path") is not None
 
-    def build_dataset(self, split: str) -> TranslationDataset:
+    def build_dataset(self, split: str) -> TranslationDataset | PreparedTranslationDataset:
         if not self.has_split(split):
             raise ValueError(f"data.{split}_path is not set" + (" (nor data.test_path)" if split == "predict" else ""))
+        if self.prepared_dir is not None and (split != "predict" or self.predict_path is None):
+            return PreparedTranslationDataset(*open_split(self, "test" if split == "predict" else split))
         texts = self._read(split)
         ids = self.special_ids
         src = self._fit(split, "source", self.encode(texts.sources), [], [ids.eos], texts.src_file, texts.lines)
@@ -153,6 +190,44 @@ class TranslationDataModule(TextDataModule):
             tgt = self._fit(split, "target", self.encode(texts.targets), [ids.bos], [ids.eos], texts.tgt_file,
                             texts.lines)
         return TranslationDataset(src, tgt, texts)
+
+    def prepare_data(self) -> None:
+        """Train the tokenizer and, with `prepared_dir` set, prepare the splits if they never were."""
+        super().prepare_data()
+        if self.prepared_dir is not None and read_manifest(Path(self.prepared_dir) / "manifest.json") is None:
+            print(prepare(self, workers=min(4, os.cpu_count() or 1)))
+
+    # --- prepared rows (data/prepare.py's Preparable) -----------------------------------------------------
+
+    def prepared_splits(self) -> list[str]:
+        return [split for split in ("train", "val", "test") if getattr(self, f"{split}_path") is not None]
+
+    def prepared_fields(self) -> tuple[str, ...]:
+        return ("src", "tgt")
+
+    def prepared_settings(self) -> dict[str, Any]:
+        return {"src_lang": self.src_lang, "tgt_lang": self.tgt_lang, "max_len": self.max_len,
+                "truncate": self.truncate, "blank_lines": self.blank_lines,
+                "special_tokens": self.special_tokens.tokens()}
+
+    def source_files(self, split: str) -> list[str]:
+        return [str(check_file(f"{split}_path", name)) for name in self._files(getattr(self, f"{split}_path"))]
+
+    def raw_examples(self, split: str) -> Iterator[Example]:
+        files = self.source_files(split)
+        if is_table(files[0]):        # tables are read whole (their quoting spans lines)
+            langs = [self.src_lang, self.tgt_lang]
+            for row in read_table(files[0], langs, text_columns=langs, blank_lines=self.blank_lines):
+                yield Example((row[self.src_lang], row[self.tgt_lang]), row.line)
+            return
+        for pair in iter_pairs(files[0], files[1], self.blank_lines):
+            yield Example((pair.source, pair.target), pair.line)
+
+    def finish_ids(self, split: str, field: str, ids: list[list[int]], lines: list[int]) -> list[list[int]]:
+        special, files = self.special_ids, self.source_files(split)
+        prefix = [special.bos] if field == "tgt" else []
+        file = files[0] if field == "src" or len(files) == 1 else files[1]
+        return self._fit(split, "source" if field == "src" else "target", ids, prefix, [special.eos], file, lines)
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable(self._loader("train", shuffle=True))
@@ -217,7 +292,7 @@ class TranslationDataModule(TextDataModule):
 
     def _loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
         dataset = self.dataset(split)
-        lengths = [max(len(s), len(t)) for s, t in zip(dataset.src, dataset.tgt or dataset.src)]
+        lengths = dataset.lengths()
         collate = functools.partial(collate_translation, pad_id=self.pad_id)
         return self.bucketed_loader(dataset, lengths, collate, self.max_tokens, self.batch_size, shuffle,
                                     pool_size)

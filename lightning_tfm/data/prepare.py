@@ -1,0 +1,298 @@
+"""Prepare once: tokenize a task's raw splits into memory-mapped rows (`shards.py`) plus a manifest, in worker
+processes, with a progress bar; read them back, refusing whatever no longer matches.
+
+`<prepared_dir>/manifest.json` records what the rows were made from: every source file (path, size, mtime and
+SHA-256), the tokenizer's SHA-256, the datamodule's settings that change the ids (languages, max_len, ...), and
+per split the example and token counts, a lengths histogram and each file's size. It is written last and
+atomically; a rebuild deletes it first. So a folder either has a manifest whose files are all complete, or none.
+
+A datamodule opts in by implementing `Preparable` (the translation datamodule does); `prepare` drives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+from tokenizers import Tokenizer
+
+from lightning_tfm.data.shards import TEXT, Rows, RowWriter, histogram, token_dtype
+
+FORMAT = 1
+CHUNK = 4096            # examples a worker tokenizes at a time
+
+
+@dataclass
+class Example:
+    """One raw example: its texts, one per tokenized field, and the line it came from (for errors)."""
+
+    texts: tuple[str, ...]
+    line: int
+
+
+class Preparable(Protocol):
+    """What a datamodule provides to be prepared (see `TranslationDataModule`)."""
+
+    prepared_dir: str | None
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def prepared_splits(self) -> list[str]:
+        """The configured splits to prepare, e.g. ["train", "val", "test"]."""
+
+    def prepared_fields(self) -> tuple[str, ...]:
+        """Names of the tokenized fields of an example, e.g. ("src", "tgt")."""
+
+    def prepared_settings(self) -> dict[str, Any]:
+        """Every setting besides the tokenizer that changes the prepared ids."""
+
+    def source_files(self, split: str) -> list[str]:
+        """The raw files a split is read from."""
+
+    def raw_examples(self, split: str) -> Iterator[Example]:
+        """The split's examples, streamed."""
+
+    def finish_ids(self, split: str, field: str, ids: list[list[int]], lines: list[int]) -> list[list[int]]:
+        """Add special tokens and apply max_len (raising or truncating) to one chunk of a field."""
+
+
+# --- fingerprints ------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(path: str | Path) -> dict[str, Any]:
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256": file_sha256(path)}
+
+
+def _unchanged(record: dict[str, Any], path: str) -> bool:
+    """The same content: the same size, and the same path and mtime or (moved or touched since) the same SHA-256."""
+    resolved = Path(path).resolve()
+    if not resolved.is_file() or resolved.stat().st_size != record["bytes"]:
+        return False
+    if str(resolved) == record["path"] and resolved.stat().st_mtime_ns == record["mtime_ns"]:
+        return True
+    return file_sha256(resolved) == record["sha256"]
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+# --- checking ----------------------------------------------------------------------------------------------
+
+
+def manifest_path(dm: Preparable) -> Path:
+    return Path(dm.prepared_dir or ".") / "manifest.json"
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable manifest ({e}); prepare the data again with --rebuild") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a lightning_tfm manifest of format {FORMAT}; prepare again with --rebuild")
+    return manifest
+
+
+def mismatch(manifest: dict[str, Any], dm: Preparable) -> str | None:
+    """Why the prepared rows no longer fit `dm`'s tokenizer, settings or raw files; None if they do."""
+    if manifest["task"] != type(dm).__name__:
+        return f"it was prepared for {manifest['task']}, not {type(dm).__name__}"
+    if manifest["tokenizer_sha256"] != tokenizer_sha256(dm.tokenizer):
+        return "it was prepared with another tokenizer than this run's"
+    settings = dm.prepared_settings()
+    changed = [k for k in sorted(set(settings) | set(manifest["settings"]))
+               if settings.get(k) != manifest["settings"].get(k)]
+    if changed:
+        return "these data settings changed since: " + ", ".join(
+            f"{k} {manifest['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed)
+    for split in dm.prepared_splits():
+        if split not in manifest["splits"]:
+            return f"it has no {split} split"
+        records, files = manifest["splits"][split]["sources"], dm.source_files(split)
+        if len(records) != len(files):
+            return f"the {split} split is read from other files now"
+        for record, path in zip(records, files):
+            if not _unchanged(record, path):
+                return f"{path} changed since it was prepared"
+    return None
+
+
+def open_split(dm: Preparable, split: str) -> tuple[dict[str, Rows], dict[str, Rows]]:
+    """(token fields, text fields) of a prepared split, after checking the manifest against `dm`.
+
+    Raises:
+        ValueError: no manifest (naming the command that writes it), a mismatch, a missing or truncated file.
+    """
+    path = manifest_path(dm)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ValueError(f"data.prepared_dir={dm.prepared_dir} holds no manifest.json; run lightning_tfm prepare "
+                         "--config CONFIG first (fit prepares it too)")
+    problem = mismatch(manifest, dm)
+    if problem:
+        raise ValueError(f"{path}: {problem}; run lightning_tfm prepare --config CONFIG --rebuild")
+    record = manifest["splits"][split]
+    folder = path.parent
+    tokens = {field: Rows(folder, f"{split}.{field}", record["fields"][field]) for field in dm.prepared_fields()}
+    texts = {field: Rows(folder, f"{split}.{field}.text", record["texts"][field]) for field in record["texts"]}
+    counts = {len(rows) for rows in [*tokens.values(), *texts.values()]}
+    if counts != {record["examples"]}:
+        raise ValueError(f"{folder}: the {split} files hold {sorted(counts)} rows, the manifest says "
+                         f"{record['examples']}; prepare again with --rebuild")
+    return tokens, texts
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def prepare(dm: Preparable, workers: int = 1, rebuild: bool = False, progress: bool = True) -> str:
+    """Write `dm`'s splits to `dm.prepared_dir` unless an up-to-date manifest is there; a one-line report.
+
+    Raises:
+        ValueError: the prepared data is stale and `rebuild` is False (naming why), or any data error.
+    """
+    if not dm.prepared_dir:
+        raise ValueError("data.prepared_dir is not set: say where to write the prepared data")
+    path = manifest_path(dm)
+    old = read_manifest(path) if not rebuild else None
+    if old is not None:
+        problem = mismatch(old, dm)
+        if problem is None:
+            return f"{path}: up to date, nothing to do"
+        raise ValueError(f"{path}: {problem}; rerun with --rebuild to prepare it again (the files are replaced)")
+    path.unlink(missing_ok=True)     # from here the old rows are being replaced: no manifest vouches for them
+    started, splits = time.perf_counter(), {}
+    for split in dm.prepared_splits():
+        splits[split] = _write_split(dm, split, workers, progress)
+    manifest = {"format": FORMAT, "task": type(dm).__name__, "tokenizer_sha256": tokenizer_sha256(dm.tokenizer),
+                "vocab_size": dm.tokenizer.get_vocab_size(with_added_tokens=True),
+                "settings": dm.prepared_settings(), "splits": splits}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    seconds = time.perf_counter() - started
+    lines = sum(s["examples"] for s in splits.values())
+    tokens = sum(sum(s["tokens"].values()) for s in splits.values())
+    return (f"prepared {lines:,} examples, {tokens:,} tokens in {seconds:.1f} s ({lines / seconds:,.0f} examples/s, "
+            f"{tokens / seconds:,.0f} tokens/s) into {path.parent}")
+
+
+def _write_split(dm: Preparable, split: str, workers: int, progress: bool) -> dict[str, Any]:
+    folder, fields = Path(dm.prepared_dir or "."), dm.prepared_fields()
+    sources = [fingerprint(f) for f in dm.source_files(split)]
+    dtype = token_dtype(dm.tokenizer.get_vocab_size(with_added_tokens=True))
+    writers = {f: RowWriter(folder, f"{split}.{f}", dtype) for f in fields}
+    keep_text = split != "train"          # evaluation needs the raw strings (BLEU references, predictions)
+    texts = {f: RowWriter(folder, f"{split}.{f}.text", TEXT) for f in fields} if keep_text else {}
+    lengths: list[int] = []
+    bar = _progress(split, progress)
+    try:
+        for chunk, ids in _tokenized_chunks(dm, split, workers):
+            lines = [e.line for e in chunk]
+            for k, field in enumerate(fields):
+                rows = dm.finish_ids(split, field, ids[k], lines)
+                writers[field].add(rows)
+                if k == 0:
+                    lengths.extend(len(r) for r in rows)
+                if keep_text:
+                    texts[field].add([e.texts[k].encode("utf-8") for e in chunk])
+            bar.update(len(chunk))
+            tokens, elapsed = sum(w.values for w in writers.values()), bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix_str(f"{tokens / elapsed:,.0f} tokens/s", refresh=False)
+    except BaseException:
+        for writer in [*writers.values(), *texts.values()]:
+            writer.abandon()
+        raise
+    finally:
+        bar.close()
+    records = {f: w.finish() for f, w in writers.items()}
+    return {"sources": sources, "examples": records[fields[0]]["rows"],
+            "tokens": {f: r["values"] for f, r in records.items()}, "lengths_histogram": histogram(lengths),
+            "fields": records, "texts": {f: w.finish() for f, w in texts.items()}}
+
+
+def _progress(split: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=f"prepare {split}", unit=" examples", unit_scale=True, disable=not enabled, file=sys.stderr,
+                mininterval=0.5)
+
+
+def _chunks(examples: Iterator[Example], size: int) -> Iterator[list[Example]]:
+    chunk: list[Example] = []
+    for example in examples:
+        chunk.append(example)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _tokenized_chunks(dm: Preparable, split: str, workers: int) -> Iterator[tuple[list[Example], list[Any]]]:
+    """(chunk, ids per field) in order; with workers > 1 the chunks are tokenized in a process pool."""
+    chunks = _chunks(dm.raw_examples(split), CHUNK)
+    if workers <= 1:
+        for chunk in chunks:
+            yield chunk, _encode_fields(dm.tokenizer, [e.texts for e in chunk])
+        return
+    # fork where the OS has it: the workers need only the tokenizer, and a spawned one would import torch first
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    parallel = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one thread per worker; also keeps tokenizers from warning
+    try:
+        with multiprocessing.get_context(method).Pool(workers, _init_worker, (dm.tokenizer.to_str(),)) as pool:
+            pending = ((chunk, pool.apply_async(_encode_in_worker, ([e.texts for e in chunk],))) for chunk in chunks)
+            window: list[Any] = []
+            for item in pending:                      # at most 2 chunks a worker in flight: bounded memory
+                window.append(item)
+                if len(window) >= 2 * workers:
+                    chunk, result = window.pop(0)
+                    yield chunk, result.get()
+            for chunk, result in window:
+                yield chunk, result.get()
+    finally:
+        if parallel is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallel
+
+
+def _encode_fields(tokenizer: Tokenizer, texts: Sequence[tuple[str, ...]]) -> list[list[list[int]]]:
+    """Per field, the ids of each example's text (no special tokens)."""
+    return [[e.ids for e in tokenizer.encode_batch([t[k] for t in texts], add_special_tokens=False)]
+            for k in range(len(texts[0]))]
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
+
+
+def _encode_in_worker(texts: list[tuple[str, ...]]) -> list[list[list[int]]]:
+    assert _WORKER_TOKENIZER is not None
+    return _encode_fields(_WORKER_TOKENIZER, texts)

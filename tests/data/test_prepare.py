@@ -1,0 +1,135 @@
+"""Prepared rows (`lightning_tfm prepare`): the same examples as the raw path, written once, refused when stale,
+and every damaged file named."""
+
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_tfm.data import TranslationDataModule
+from lightning_tfm.data.prepare import prepare
+from lightning_tfm.data.shards import Rows, RowWriter, token_dtype
+
+
+def make(d: Path, tok: Path, prepared: Path | None, **kw) -> TranslationDataModule:
+    args = dict(train_path=str(d / "train"), val_path=str(d / "val"), test_path=str(d / "test2016"),
+                tokenizer_dir=str(tok), tokenizer_vocab_size=1000, max_tokens=512,
+                prepared_dir=None if prepared is None else str(prepared))
+    return TranslationDataModule(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def corpus(multi30k_small, tmp_path_factory) -> Path:
+    """The small Multi30k slice with its German training side gzipped and two blank lines in it."""
+    d = tmp_path_factory.mktemp("corpus")
+    for name in os.listdir(multi30k_small):
+        shutil.copy(multi30k_small / name, d / name)
+    lines = (d / "train.de").read_text(encoding="utf-8").split("\n")
+    lines[4], lines[70] = "", "   "
+    with gzip.open(d / "train.de.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    (d / "train.de").unlink()
+    return d
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory) -> tuple[Path, Path]:
+    tok, out = tmp_path_factory.mktemp("tok"), tmp_path_factory.mktemp("prepared")
+    with pytest.warns(UserWarning, match=r"left out 2 of 2000 pairs .* \(the first at .*train.de.gz:5\)"):
+        report = prepare(make(corpus, tok, out), workers=2, progress=False)
+    assert report.startswith("prepared 2,398 examples")
+    return tok, out
+
+
+def test_prepared_examples_are_the_raw_ones(corpus, prepared):
+    tok, out = prepared
+    raw, ready = make(corpus, tok, None), make(corpus, tok, out)
+    for split in ("train", "val", "test"):
+        a, b = raw.dataset(split), ready.dataset(split)
+        assert len(a) == len(b) > 0
+        assert np.array_equal(a.lengths(), b.lengths())
+        for i in range(len(a)):
+            x, y = a[i], b[i]
+            assert list(x["src"]) == y["src"].tolist() and list(x["tgt"]) == y["tgt"].tolist()
+            if split != "train":
+                assert (x["source"], x["ref"]) == (y["source"], y["ref"])
+    batch = next(iter(ready.val_dataloader()))
+    assert batch["src"].dtype.is_floating_point is False and batch["refs"][0]
+
+
+def test_manifest_records_the_sources_tokenizer_and_counts(corpus, prepared):
+    tok, out = prepared
+    manifest = json.loads((out / "manifest.json").read_text())
+    train = manifest["splits"]["train"]
+    assert [Path(s["path"]).name for s in train["sources"]] == ["train.en", "train.de.gz"]
+    assert train["examples"] == 1998 and sum(train["lengths_histogram"].values()) == 1998
+    assert train["fields"]["src"]["dtype"] == "uint16" and train["texts"] == {}
+    assert len(manifest["tokenizer_sha256"]) == 64 and manifest["settings"]["max_len"] == 256
+
+
+def test_a_second_run_does_nothing_and_a_changed_input_is_refused(corpus, prepared, tmp_path):
+    tok, out = prepared
+    stamp = (out / "train.src.bin").stat().st_mtime_ns
+    assert prepare(make(corpus, tok, out), progress=False).endswith("up to date, nothing to do")
+    assert (out / "train.src.bin").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"max_len 256 -> 128.*--rebuild"):
+        prepare(make(corpus, tok, out, max_len=128), progress=False)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        make(corpus, tmp_path / "tok", out, tokenizer_vocab_size=500).dataset("val")
+    changed = tmp_path / "c"
+    shutil.copytree(corpus, changed)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (changed / "val.en").write_text((changed / "val.en").read_text().replace("A ", "The ", 1))
+    dm = make(changed, tok, copy)
+    with pytest.raises(ValueError, match=r"val.en changed since it was prepared; run lightning_tfm prepare"):
+        dm.dataset("val")
+    assert prepare(dm, rebuild=True, progress=False).startswith("prepared")
+    assert dm.dataset("val")[0]["source"].startswith("The ")
+
+
+def test_damaged_files_are_named(corpus, prepared, tmp_path):
+    tok, out = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = (copy / "val.tgt.bin").read_bytes()
+    (copy / "val.tgt.bin").write_bytes(data[:-2])
+    with pytest.raises(ValueError, match=r"val.tgt.bin has \d+ bytes but its manifest says \d+"):
+        make(corpus, tok, copy).dataset("val")
+    (copy / "val.tgt.bin").unlink()
+    with pytest.raises(ValueError, match=r"val.tgt.bin is missing"):
+        make(corpus, tok, copy).dataset("val")
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"manifest.json: not a readable manifest"):
+        make(corpus, tok, copy).dataset("val")
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"holds no manifest.json; run lightning_tfm prepare"):
+        make(corpus, tok, copy).dataset("val")
+
+
+def test_fit_prepares_a_missing_folder_itself(corpus, prepared, tmp_path):
+    tok, _ = prepared
+    dm = make(corpus, tok, tmp_path / "fresh", val_path=None, test_path=None)
+    dm.prepare_data()
+    assert (tmp_path / "fresh" / "manifest.json").is_file() and len(dm.dataset("train")) == 1998
+
+
+def test_wide_token_ids_and_text_rows_round_trip(tmp_path):
+    assert token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
+    ids = RowWriter(tmp_path, "x", token_dtype(100_000))
+    ids.add([[0, 99_999, 70_000], [], [5]])
+    text = RowWriter(tmp_path, "t", "uint8")
+    text.add(["Grüße".encode(), b""])
+    assert not (tmp_path / "x.bin").exists()           # nothing under the real names before finish
+    rows, texts = Rows(tmp_path, "x", ids.finish()), Rows(tmp_path, "t", text.finish())
+    assert [r.tolist() for r in (rows[0], rows[1], rows[2])] == [[0, 99_999, 70_000], [], [5]]
+    assert rows.lengths().tolist() == [3, 0, 1] and texts.text(0) == "Grüße" and texts.text(1) == ""
+    narrow = RowWriter(tmp_path, "n", "uint16")
+    with pytest.raises(ValueError, match="70000 does not fit in uint16"):
+        narrow.add([[70_000]])
+    narrow.abandon()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin", "t.idx", "x.bin", "x.idx"]
