@@ -60,6 +60,9 @@ class Preparable(Protocol):
     def raw_examples(self, split: str) -> Iterator[Example]:
         """The split's examples, streamed."""
 
+    def keeps_text(self, split: str) -> bool:
+        """Whether the split's raw strings are stored beside its ids (what evaluation shows or scores)."""
+
     def finish_ids(self, split: str, field: str, ids: list[list[int]], lines: list[int]) -> list[list[int]]:
         """Add special tokens and apply max_len (raising or truncating) to one chunk of a field."""
 
@@ -203,7 +206,7 @@ def _write_split(dm: Preparable, split: str, workers: int, progress: bool) -> di
     sources = [fingerprint(f) for f in dm.source_files(split)]
     dtype = token_dtype(dm.tokenizer.get_vocab_size(with_added_tokens=True))
     writers = {f: RowWriter(folder, f"{split}.{f}", dtype) for f in fields}
-    keep_text = split != "train"          # evaluation needs the raw strings (BLEU references, predictions)
+    keep_text = dm.keeps_text(split)
     texts = {f: RowWriter(folder, f"{split}.{f}.text", TEXT) for f in fields} if keep_text else {}
     lengths: list[int] = []
     bar = _progress(split, progress)

@@ -13,9 +13,10 @@ from lightning_tfm.data.compressed import byte_chunks, compressed_look, find_fil
 from lightning_tfm.data.readers import BlankLines, Pair, _blank, _blank_error, _check_blank_lines, _warn_blank
 
 
-def iter_lines(path: str | Path) -> Iterator[str]:
+def iter_lines(path: str | Path, keep_ends: bool = False) -> Iterator[str]:
     """The lines of a file without their line ends, read in chunks (`readers.read_lines` without holding the
-    file); a path without its suffix finds its one compressed sibling.
+    file); a path without its suffix finds its one compressed sibling. With `keep_ends` every line keeps its
+    "\\n" (and "\\r"), so the lines join to exactly `readers.read_text`.
 
     Raises:
         FileNotFoundError: no such file.
@@ -30,12 +31,12 @@ def iter_lines(path: str | Path) -> Iterator[str]:
         *complete, carry = (carry + chunk).split(b"\n")
         for raw in complete:
             number += 1
-            line = _decode_line(path, number, raw)
+            line = _decode_line(path, number, raw + b"\n" if keep_ends else raw, keep_ends)
             text_seen = text_seen or not _blank(line)
             yield line
     if carry:
         number += 1
-        line = _decode_line(path, number, carry)
+        line = _decode_line(path, number, carry, keep_ends)
         text_seen = text_seen or not _blank(line)
         yield line
     if not text_seen:
@@ -43,7 +44,7 @@ def iter_lines(path: str | Path) -> Iterator[str]:
                          else f"{path} holds no text, only whitespace ({size} byte{'s' * (size > 1)})")
 
 
-def _decode_line(path: Path, number: int, raw: bytes) -> str:
+def _decode_line(path: Path, number: int, raw: bytes, keep_ends: bool) -> str:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -51,7 +52,7 @@ def _decode_line(path: Path, number: int, raw: bytes) -> str:
         hint = f"; it looks like a {looks} file: add that suffix to its name" if looks else ""
         raise ValueError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line, "
                          f"{raw[e.start:e.end]!r}){hint}") from e
-    return line[:-1] if line.endswith("\r") else line
+    return line if keep_ends or not line.endswith("\r") else line[:-1]
 
 
 def iter_pairs(source_path: str | Path, target_path: str | Path, blank_lines: BlankLines = "drop") -> Iterator[Pair]:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import BucketBatchSampler, ResumableBatches
 from lightning_tfm.data.compressed import find_file
+from lightning_tfm.data.prepare import prepare, read_manifest
 from lightning_tfm.data.tokenizers import (
     SpecialIds,
     SpecialTokens,
@@ -148,8 +149,12 @@ class TextDataModule(L.LightningDataModule):
         return self.special_ids.eos
 
     def prepare_data(self) -> None:
-        """Train and save the tokenizer (Lightning calls this on one process per node)."""
+        """Train and save the tokenizer and, for a datamodule with `prepared_dir` set (`data/prepare.py`'s
+        Preparable), prepare the splits if they never were (Lightning calls this on one process per node)."""
         _ = self.tokenizer
+        folder = getattr(self, "prepared_dir", None)
+        if folder is not None and read_manifest(Path(folder) / "manifest.json") is None:
+            print(prepare(self, workers=min(4, os.cpu_count() or 1)))      # type: ignore[arg-type]
 
     def _trained_tokenizer(self) -> Tokenizer:
         path = Path(self.tokenizer_dir) / "tokenizer.json"

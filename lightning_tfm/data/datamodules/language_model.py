@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_tfm.data.batching import derive_seed
 from lightning_tfm.data.datamodules.base import TextDataModule, check_file
+from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import read_lines, read_text
+from lightning_tfm.data.streams import iter_lines
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
 
 
@@ -24,18 +27,20 @@ class TokenBlocks(Dataset):
     """Item `offset` is {"ids": tokens[offset : offset + block_size + 1]}, a (block_size + 1,) int64 tensor.
 
     Args:
-        tokens: (N,) int64, the whole split.
+        tokens: (N,) the whole split: an int64 tensor, or an unsigned NumPy array (prepared rows, memory-mapped,
+            so only the blocks read are loaded).
         block_size: context length; each item has one more token, the last target.
     """
 
-    def __init__(self, tokens: Tensor, block_size: int) -> None:
+    def __init__(self, tokens: Tensor | np.ndarray, block_size: int) -> None:
         self.tokens, self.block_size = tokens, block_size
 
     def __len__(self) -> int:
         return len(self.tokens) - self.block_size  # number of valid offsets
 
     def __getitem__(self, offset: int) -> dict[str, Tensor]:
-        return {"ids": self.tokens[offset: offset + self.block_size + 1]}
+        block = self.tokens[offset: offset + self.block_size + 1]
+        return {"ids": block if isinstance(block, Tensor) else torch.from_numpy(block.astype(np.int64))}
 
 
 class RandomOffsetSampler(Sampler[int]):
@@ -108,6 +113,10 @@ class LanguageModelDataModule(TextDataModule):
         special_tokens: none is required; the default keeps only unk, for characters unseen in training.
         num_workers: DataLoader worker processes.
         seed: seed of the training offsets.
+        prepared_dir: read the train, val and test token streams from rows prepared in this folder (`lightning_tfm
+            prepare --config CONFIG`, or the first `fit`), memory-mapped, so a corpus larger than memory trains
+            with flat memory; a change to the raw files, the tokenizer or val_fraction is refused until the data
+            is prepared again. None reads and tokenizes the raw files.
     """
 
     def __init__(self, train_path: str = "../shared/data/tiny_shakespeare/input.txt", val_path: str | None = None,
@@ -117,7 +126,7 @@ class LanguageModelDataModule(TextDataModule):
                  tokenizer_dir: str = "runs/tokenizers/language_model", tokenizer_kind: TokenizerKind = "char",
                  tokenizer_vocab_size: int = 8000,
                  special_tokens: SpecialTokens = SpecialTokens(pad=None, bos=None, eos=None),
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, prepared_dir: str | None = None) -> None:
         super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
                          num_workers, seed)
         if not 0.0 <= val_fraction < 1.0:
@@ -129,14 +138,19 @@ class LanguageModelDataModule(TextDataModule):
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.predict_path, self.val_fraction = predict_path, val_fraction
         self.block_size, self.batch_size, self.batches_per_epoch = block_size, batch_size, batches_per_epoch
+        self.prepared_dir = prepared_dir
         self._texts: dict[str, str] = {}
 
     def training_files(self) -> list[str]:
         return [self.train_path]
 
     def training_texts(self) -> Iterator[str]:
-        # whole lines, so subword trainers see sentence-sized pieces; "char" does not care
-        yield from self._split_text("train").splitlines(keepends=True)
+        # whole lines, so subword trainers see sentence-sized pieces; "char" does not care. Streamed when the
+        # data is prepared, so a corpus larger than memory trains its tokenizer too
+        if self.prepared_dir is not None:
+            yield from (example.texts[0] for example in self.raw_examples("train"))
+        else:
+            yield from self._split_text("train").splitlines(keepends=True)
 
     def tokenizer_source(self) -> dict[str, Any]:
         return {**super().tokenizer_source(), "val_fraction": self.val_fraction if self.val_path is None else 0.0}
@@ -151,12 +165,55 @@ class LanguageModelDataModule(TextDataModule):
             raise ValueError(f"data.{split}_path is not set")
         if split == "predict":
             return self._prompts()
+        if self.prepared_dir is not None:
+            tokens, _ = open_split(self, split)
+            return self._blocks(split, tokens["ids"].values)
         tokens = torch.tensor(self.tokenizer.encode(self._split_text(split), add_special_tokens=False).ids,
                               dtype=torch.long)                                         # (N,)
+        return self._blocks(split, tokens)
+
+    def _blocks(self, split: str, tokens: Tensor | np.ndarray) -> TokenBlocks:
         if len(tokens) < self.block_size + 1:
             raise ValueError(f"data.{split} has {len(tokens)} tokens, fewer than data.block_size + 1 = "
                              f"{self.block_size + 1}; lower data.block_size")
         return TokenBlocks(tokens, self.block_size)
+
+    # --- prepared rows (data/prepare.py's Preparable): each split one stream, stored in pieces of lines ----
+
+    def prepared_splits(self) -> list[str]:
+        return [split for split in ("train", "val", "test") if self.has_split(split)]
+
+    def prepared_fields(self) -> tuple[str, ...]:
+        return ("ids",)
+
+    def prepared_settings(self) -> dict[str, Any]:
+        return {"val_fraction": self.val_fraction if self.val_path is None else None,
+                "special_tokens": self.special_tokens.tokens()}
+
+    def source_files(self, split: str) -> list[str]:
+        key = "train" if split == "val" and self.val_path is None else split
+        return [str(check_file(f"{key}_path", getattr(self, f"{key}_path")))]
+
+    def keeps_text(self, split: str) -> bool:
+        return False
+
+    def raw_examples(self, split: str) -> Iterator[Example]:
+        """The split's lines with their line ends (they join to the text `_split_text` reads whole); with
+        val_path None, train and val are the file's characters before and after the val_fraction cut."""
+        (path,) = self.source_files(split)
+        cut = None
+        if split in ("train", "val") and self.val_path is None:
+            cut = int(sum(len(line) for line in iter_lines(path, keep_ends=True)) * (1 - self.val_fraction))
+        seen = 0
+        for number, line in enumerate(iter_lines(path, keep_ends=True), start=1):
+            start, seen = seen, seen + len(line)
+            if cut is not None:
+                line = line[:max(0, cut - start)] if split == "train" else line[max(0, cut - start):]
+            if line:
+                yield Example((line,), number)
+
+    def finish_ids(self, split: str, field: str, ids: list[list[int]], lines: list[int]) -> list[list[int]]:
+        return ids
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")

@@ -8,9 +8,7 @@ approximately 25000 source tokens and 25000 target tokens" follow Vaswani et al.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -20,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import pad_batch
 from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
-from lightning_tfm.data.prepare import Example, open_split, prepare, read_manifest
+from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import BlankLines, is_table, read_lines, read_pairs, read_table
 from lightning_tfm.data.shards import Rows
 from lightning_tfm.data.streams import iter_pairs
@@ -165,6 +163,10 @@ class TranslationDataModule(TextDataModule):
         return self._files(self.train_path)
 
     def training_texts(self) -> Iterator[str]:
+        if self.prepared_dir is not None:         # streamed: the corpus may not fit in memory
+            for example in self.raw_examples("train"):
+                yield from example.texts
+            return
         texts = self._read("train")
         yield from texts.sources
         yield from texts.targets or []
@@ -191,12 +193,6 @@ class TranslationDataModule(TextDataModule):
                             texts.lines)
         return TranslationDataset(src, tgt, texts)
 
-    def prepare_data(self) -> None:
-        """Train the tokenizer and, with `prepared_dir` set, prepare the splits if they never were."""
-        super().prepare_data()
-        if self.prepared_dir is not None and read_manifest(Path(self.prepared_dir) / "manifest.json") is None:
-            print(prepare(self, workers=min(4, os.cpu_count() or 1)))
-
     # --- prepared rows (data/prepare.py's Preparable) -----------------------------------------------------
 
     def prepared_splits(self) -> list[str]:
@@ -222,6 +218,9 @@ class TranslationDataModule(TextDataModule):
             return
         for pair in iter_pairs(files[0], files[1], self.blank_lines):
             yield Example((pair.source, pair.target), pair.line)
+
+    def keeps_text(self, split: str) -> bool:
+        return split != "train"           # BLEU scores the raw references; predictions show the sources
 
     def finish_ids(self, split: str, field: str, ids: list[list[int]], lines: list[int]) -> list[list[int]]:
         special, files = self.special_ids, self.source_files(split)
