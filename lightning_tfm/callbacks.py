@@ -70,9 +70,9 @@ class PredictionWriter(BasePredictionWriter):
     for anything else (labels with probabilities) and for a string that could be misread (one spanning lines,
     or starting with `"`, `{` or `[`). So a line starting with `"`, `{` or `[` is JSON, any other is the text.
 
-    Under DDP every rank predicts its share of the batches (rank r takes batches r, r + R, ...; see
-    `BucketBatchSampler`), and rank 0 gathers them at the end and writes them in order, without the repeated
-    batches that even out the ranks. A single process writes as it goes.
+    Under DDP every rank predicts its share of the examples, and rank 0 gathers them at the end and writes
+    them in the order of their positions in the input (the example indices Lightning records for each batch),
+    so the file is the same as one process's, which writes as it goes.
 
     Args:
         path: output file; its folder is created.
@@ -82,7 +82,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.path = Path(path)
         self._file = None
-        self._pending: list[tuple[int, list[Any]]] = []
+        self._pending: list[tuple[int, Any]] = []
 
     def on_predict_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._pending = []
@@ -95,22 +95,18 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.world_size == 1:
             self._write(prediction)
             return
-        loaders = trainer.predict_dataloaders
-        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-        sampler = getattr(loader.batch_sampler, "_batch_sampler", loader.batch_sampler)   # Lightning's index wrapper
-        real = getattr(sampler, "num_real_batches", None)
-        if real is None:
-            raise RuntimeError("PredictionWriter under DDP needs a BucketBatchSampler (our datamodules' loaders)"
-                               " to put the ranks' predictions back in order; predict on one device instead")
-        if batch_idx < real:
-            self._pending.append((batch_idx * trainer.world_size + trainer.global_rank, list(prediction)))
+        if not batch_indices or len(batch_indices) != len(prediction):
+            raise RuntimeError("PredictionWriter under DDP orders the ranks' predictions by the example indices "
+                               "Lightning records for a DataLoader's batches, one per prediction; this loader gave "
+                               f"{len(batch_indices or [])} for {len(prediction)} predictions: predict on one device")
+        self._pending.extend(zip(batch_indices, prediction))
 
     def on_predict_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.world_size > 1:
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, self._pending)
-            for _, prediction in sorted(batch for rank in gathered for batch in rank):
-                self._write(prediction)
+            by_index = dict(pair for rank in gathered for pair in rank)
+            self._write([by_index[i] for i in sorted(by_index)])
             self._pending = []
         if self._file is not None:
             self._file.close()

@@ -5,9 +5,9 @@ Checked: (a) both ranks end with identical weights; (b) those weights match one 
 same two batches per step (DDP averages the two ranks' gradients, accumulation sums half of each: the same
 update, and since halving is exact in floating point, bitwise the same); (c) validation metrics (accuracy,
 F1, loss; BLEU) logged by the DDP run equal a one-process `validate` of the same checkpoint, so each example
-counted exactly once, with the repeated batch that evens out the ranks left out; (d) with an odd number of
-validation batches nothing hangs (each command has a timeout); predictions come back once each, in order;
-one W&B run per job.
+counted exactly once, though the odd number of validation batches was evened out by splitting one; (d) with
+that odd number nothing hangs (each command has a timeout); predictions come back once each, in order; one
+W&B run per job.
 """
 
 import math
@@ -26,7 +26,7 @@ from lightning_tfm.checkpoints import load_checkpoint
 
 @pytest.fixture(scope="module")
 def sst2_slices(data, tmp_path_factory) -> Path:
-    """40 dev rows: 3 validation batches of 16, so one DDP rank gets a repeat."""
+    """40 dev rows: validation batches of 16, 16 and 8, so the second is split in two for 2 DDP ranks."""
     out = tmp_path_factory.mktemp("ddp_data")
     rows = (data / "sst2_dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     (out / "dev40.tsv").write_text("".join(rows[:41]), encoding="utf-8")

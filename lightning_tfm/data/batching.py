@@ -4,15 +4,16 @@
 together by approximate sequence length ... approximately 25000 source tokens and 25000 target tokens"
 (Vaswani et al. 2017, §5.1): examples are shuffled, sorted by length inside large pools (so similar lengths
 share a batch and padding stays small), packed up to a padded-token budget, and the batch order is shuffled.
-Everything depends only on (seed, epoch), so every DDP rank builds the same global list of batches and
-takes its own share of it. `pad_batch` right-pads token lists into `(B, T)` tensors.
+Everything depends only on (seed, epoch), so every DDP rank builds the same global list of batches, evened
+out to a multiple of the number of ranks by splitting batches (never by repeating them), and takes its own
+share: each example once per epoch, on one rank. `pad_batch` right-pads token lists into `(B, T)` tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import math
+import warnings
 from typing import Iterator, Sequence
 
 import torch
@@ -81,12 +82,17 @@ class BucketBatchSampler(Sampler[list[int]]):
     `max_tokens`, or its size over `batch_size`. With `max_tokens=None` every batch but the last has exactly
     `batch_size` examples (the fixed-size option). `pool_size=1` turns bucketing off.
 
-    Under DDP (`num_replicas > 1`) the global batch list is padded by repeating its first batches until its
-    length divides by `num_replicas`, and rank r takes batches r, r + R, r + 2R, ...: every rank gets the same
-    number of batches, so no rank waits forever in a collective. The repeats are the last
-    `len(self) - num_real_batches` batches of a rank. Training does not mind them; **evaluation should not
-    count them twice**: skip a rank's batches after `num_real_batches`, de-duplicate by the example indices
-    the datamodules put in each batch ("index"), or evaluate on one device.
+    Under DDP (`num_replicas > 1`) rank r takes batches r, r + R, r + 2R, ... of the global list, after that
+    list is evened out to a multiple of R by splitting: while the count does not divide by R, the batch with
+    the most examples (the last of them on a tie) is cut in two, in its length order; the first half, one
+    example larger on an odd size, keeps its place and the second goes to the end of the list. So every rank
+    gets the same number of batches (no rank waits forever in a collective), an epoch holds each example
+    exactly once across ranks (nothing is repeated, so evaluation needs no de-duplication), and every batch
+    but the split ones keeps the place it has for one process: DDP steps see the batches one process would
+    accumulate, and masked LM draws the same masks for them. When the examples are too few to split into a
+    multiple of R batches (e.g. `batch_size=1` and 5 examples on 4 ranks), the batches with the fewest padded
+    tokens are merged instead, with a warning: those may exceed `max_tokens`/`batch_size`. A split with fewer
+    examples than R raises, since a rank cannot get an empty batch.
 
     Args:
         lengths: one length per example (for a translation pair, the longer of source and target).
@@ -117,6 +123,10 @@ class BucketBatchSampler(Sampler[list[int]]):
                              "need num_replicas >= 1 and 0 <= rank < num_replicas")
         if len(lengths) == 0:
             raise ValueError("BucketBatchSampler: lengths is empty; the split has no examples")
+        if len(lengths) < num_replicas:
+            raise ValueError(f"BucketBatchSampler: the split has {len(lengths)} examples, fewer than the "
+                             f"{num_replicas} DDP processes (num_replicas); every process needs at least one "
+                             "batch: run on fewer devices or add examples")
         self.lengths = [int(n) for n in lengths]
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.shuffle, self.seed, self.pool_size = shuffle, seed, pool_size
@@ -138,27 +148,20 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def global_batches(self) -> list[list[int]]:
-        """All ranks' batches for the current epoch, before DDP padding (each index exactly once)."""
+        """All ranks' batches for the current epoch, a multiple of `num_replicas` of them (each index once)."""
         if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._build(self.epoch))
+            self._cache = (self.epoch, self._even_out(self._build(self.epoch)))
         return self._cache[1]
 
     def rank_batches(self) -> list[list[int]]:
-        """This rank's batches for the current epoch, repeats included."""
-        batches = self.global_batches()
-        total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
-        return [batches[i % len(batches)] for i in range(self.rank, total, self.num_replicas)]
-
-    @property
-    def num_real_batches(self) -> int:
-        """How many of this rank's batches (its first ones) are not repeats added for DDP."""
-        return len(range(self.rank, len(self.global_batches()), self.num_replicas))
+        """This rank's batches for the current epoch: global batches rank, rank + R, rank + 2R, ..."""
+        return self.global_batches()[self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.rank_batches())
 
     def __len__(self) -> int:
-        return math.ceil(len(self.global_batches()) / self.num_replicas)
+        return len(self.global_batches()) // self.num_replicas
 
     def _build(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
@@ -187,6 +190,31 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches.append(batch)
         return batches
 
+    def _even_out(self, batches: list[list[int]]) -> list[list[int]]:
+        """`batches` split (or, when too few examples allow no split, merged) until their count divides by
+        `num_replicas`, so the ranks get equal shares without any batch repeated; see the class docstring."""
+        R, n = self.num_replicas, len(self.lengths)
+        target = -(-len(batches) // R) * R
+        if target > n:                       # not enough examples to split that far: merge down instead
+            target = n // R * R
+            warnings.warn(f"BucketBatchSampler: {n} examples in {len(batches)} batches cannot be split into a "
+                          f"multiple of num_replicas={R}; merging the smallest batches, which may then exceed "
+                          f"max_tokens={self.max_tokens}/batch_size={self.batch_size}", stacklevel=2)
+        batches = list(batches)
+        while len(batches) < target:
+            k = max(reversed(range(len(batches))), key=lambda i: len(batches[i]))   # the last of the largest
+            half = (len(batches[k]) + 1) // 2
+            batches[k], second = batches[k][:half], batches[k][half:]
+            batches.append(second)        # the others keep their places, so their DDP steps and masks
+        while len(batches) > target:
+            first, second = sorted(range(len(batches)), key=lambda i: (self._padded_tokens(batches[i]), i))[:2]
+            first, second = min(first, second), max(first, second)
+            batches[first] = batches[first] + batches.pop(second)
+        return batches
+
+    def _padded_tokens(self, batch: list[int]) -> int:
+        return len(batch) * padded_length(max(self.lengths[i] for i in batch), self.pad_to_multiple)
+
 
 class ResumableBatches(Sampler[list[int]]):
     """A training batch sampler that can start an epoch part-way, so a run resumed from a mid-epoch checkpoint
@@ -213,10 +241,6 @@ class ResumableBatches(Sampler[list[int]]):
     def resume(self, epoch: int, batches_done: int) -> None:
         """Skip the first `batches_done` batches the next time epoch `epoch` is iterated."""
         self._resume = (epoch, batches_done)
-
-    @property
-    def num_real_batches(self) -> int:
-        return getattr(self.batches, "num_real_batches", len(self))
 
     def __iter__(self) -> Iterator[list[int]]:
         start = 0

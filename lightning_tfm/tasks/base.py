@@ -1,8 +1,7 @@
 """What the tasks share: the optimizer and schedule chosen from YAML; the tokenizer (plus any task metadata)
 carried inside every checkpoint so evaluation and fine-tuning use what training used; the random state in
 every checkpoint, so a resumed run draws the same dropout masks as an uninterrupted one; a stop with a clear
-message at the first non-finite loss; and the test that keeps DDP's repeated evaluation batches out of the
-metrics."""
+message at the first non-finite loss."""
 
 from __future__ import annotations
 
@@ -196,22 +195,6 @@ class TaskModule(L.LightningModule):
         if model_vocab is not None and vocab_size > model_vocab:
             raise ValueError(f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_vocab}: "
                              "this checkpoint was trained with another tokenizer; pass the one stored with it")
-
-    def is_repeat(self, batch_idx: int, dataloader_idx: int = 0) -> bool:
-        """Whether this evaluation batch is one of the repeats that give every DDP rank as many batches as the
-        others (see `BucketBatchSampler`). Evaluation steps still run on them, so every rank joins every
-        collective, but must leave them out of the metrics, so each example counts once."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return False
-        trainer = self.trainer
-        loaders = (trainer.test_dataloaders if trainer.testing else trainer.predict_dataloaders
-                   if trainer.predicting else trainer.val_dataloaders)
-        if isinstance(loaders, (list, tuple)):
-            loaders = loaders[dataloader_idx]
-        sampler = getattr(loaders, "batch_sampler", None)
-        sampler = getattr(sampler, "_batch_sampler", sampler)          # Lightning wraps it when predicting
-        real = getattr(sampler, "num_real_batches", None)
-        return real is not None and batch_idx >= real
 
     def on_before_backward(self, loss: Tensor) -> None:
         """Stop at the first NaN or infinite loss on any rank, naming the step, before its gradients reach the

@@ -74,10 +74,10 @@ class ClassificationModule(TaskModule):
         return self.training_loss(self._loss(self._logits(batch), batch["labels"]), len(batch["labels"]))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val")
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+        self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Each input's label (or labels, for multi-label data) with its probability, and every label's."""
@@ -128,13 +128,12 @@ class ClassificationModule(TaskModule):
             return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return F.cross_entropy(logits.float(), labels)
 
-    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
-        """Loss, accuracy and macro-F1 over the whole set: each example counted once across ranks."""
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        """Loss, accuracy and macro-F1 over the whole set (under DDP each example is on one rank, once)."""
         mean_loss, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
-        if not self.is_repeat(batch_idx):
-            logits = self._logits(batch)
-            labels = batch["labels"]
-            mean_loss.update(self._loss(logits, labels), weight=len(labels))
-            metrics.update(logits.sigmoid() if self.multi_label else logits.argmax(-1), labels.long())
+        logits = self._logits(batch)
+        labels = batch["labels"]
+        mean_loss.update(self._loss(logits, labels), weight=len(labels))
+        metrics.update(logits.sigmoid() if self.multi_label else logits.argmax(-1), labels.long())
         self.log(f"{stage}_loss", mean_loss)
         self.log_dict(metrics, prog_bar=True)

@@ -62,10 +62,10 @@ class LanguageModelModule(TaskModule):
         return self.training_loss(*self._loss(batch))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.val_loss)
+        self._evaluate(batch, self.val_loss)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_loss)
+        self._evaluate(batch, self.test_loss)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Continue each prompt of the batch; prompts run one at a time since they differ in length."""
@@ -112,10 +112,9 @@ class LanguageModelModule(TaskModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return loss, int((targets != -100).sum())
 
-    def _evaluate(self, batch: dict[str, Any], batch_idx: int, mean_loss: MeanMetric) -> None:
-        if not self.is_repeat(batch_idx):
-            loss, n_tokens = self._loss(batch)
-            mean_loss.update(loss, weight=n_tokens)       # token-weighted, so the mean is over the whole set
+    def _evaluate(self, batch: dict[str, Any], mean_loss: MeanMetric) -> None:
+        loss, n_tokens = self._loss(batch)
+        mean_loss.update(loss, weight=n_tokens)       # token-weighted, so the mean is over the whole set
 
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val", self.val_loss)

@@ -83,10 +83,10 @@ class MaskedLanguageModelModule(TaskModule):
         return self.training_loss(loss, max(n_tokens, 1))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.val_loss, self.val_acc)
+        self._evaluate(batch, self.val_loss, self.val_acc)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_loss, self.test_acc)
+        self._evaluate(batch, self.test_loss, self.test_acc)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Each text with every mask token replaced by the most probable non-special token."""
@@ -124,9 +124,7 @@ class MaskedLanguageModelModule(TaskModule):
         loss, n_tokens = masked_lm_loss(logits, labels[chosen])
         return loss, logits.argmax(-1) == labels[chosen], n_tokens
 
-    def _evaluate(self, batch: dict[str, Any], batch_idx: int, mean_loss: MeanMetric, accuracy: MeanMetric) -> None:
-        if self.is_repeat(batch_idx):
-            return
+    def _evaluate(self, batch: dict[str, Any], mean_loss: MeanMetric, accuracy: MeanMetric) -> None:
         loss, correct, n_tokens = self._loss(batch)
         if n_tokens:
             mean_loss.update(loss, weight=n_tokens)      # token-weighted, so the mean is over the whole set

@@ -111,10 +111,10 @@ class TranslationModule(TaskModule):
         return self.training_loss(*self._loss(batch))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val", self.val_beam_size)
+        self._evaluate(batch, "val", self.val_beam_size)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test", self.beam_size)
+        self._evaluate(batch, "test", self.beam_size)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         return self.detokenize(self(batch["src"], batch["src_mask"]))
@@ -144,13 +144,12 @@ class TranslationModule(TaskModule):
                                label_smoothing=self.label_smoothing)
         return loss, int(tgt_mask[:, 1:].sum())
 
-    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str, beam_size: int) -> None:
-        """Token-weighted loss and corpus BLEU over the whole set: each sentence counted once across ranks."""
+    def _evaluate(self, batch: dict[str, Any], stage: str, beam_size: int) -> None:
+        """Token-weighted loss and corpus BLEU over the whole set (under DDP each sentence is on one rank, once)."""
         mean_loss, bleu = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_bleu")
-        if not self.is_repeat(batch_idx):
-            loss, n_tokens = self._loss(batch)
-            mean_loss.update(loss, weight=n_tokens)
-            hypotheses = self.detokenize(self(batch["src"], batch["src_mask"], beam_size))
-            bleu.update(hypotheses, [[ref] for ref in batch["refs"]])
+        loss, n_tokens = self._loss(batch)
+        mean_loss.update(loss, weight=n_tokens)
+        hypotheses = self.detokenize(self(batch["src"], batch["src_mask"], beam_size))
+        bleu.update(hypotheses, [[ref] for ref in batch["refs"]])
         self.log(f"{stage}_loss", mean_loss)
         self.log(f"{stage}_bleu", bleu, prog_bar=True)

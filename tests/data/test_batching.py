@@ -89,26 +89,60 @@ def test_unshuffled_pool_of_one_keeps_index_order(lengths):
     assert [i for b in batches for i in b] == list(range(len(lengths)))
 
 
-@pytest.mark.parametrize("num_replicas", [2, 3, 7])
-def test_ddp_ranks_get_equal_counts_and_disjoint_real_batches(lengths, num_replicas):
-    samplers = [BucketBatchSampler(lengths, max_tokens=512, seed=5, num_replicas=num_replicas, rank=r)
-                for r in range(num_replicas)]
+def ranks(lengths, num_replicas, epoch=0, **kwargs):
+    """Every rank's batches for one epoch, and one process's (num_replicas=1) batches of the same epoch."""
+    samplers = [BucketBatchSampler(lengths, num_replicas=num_replicas, rank=r, **kwargs) for r in range(num_replicas)]
+    single = BucketBatchSampler(lengths, **kwargs)
+    for s in samplers + [single]:
+        s.set_epoch(epoch)
+    assert all(len(s) == len(list(s)) for s in samplers)
+    return [list(s) for s in samplers], list(single)
+
+
+@pytest.mark.parametrize(("n", "num_replicas", "max_tokens", "batch_size", "shuffle"), [
+    (2000, 2, 512, None, True), (2000, 3, 512, None, True), (2000, 7, 512, 16, True),
+    (40, 2, None, 16, False),     # 3 batches of 16, 16, 8 on 2 ranks: one split
+    (41, 4, 128, None, True), (10, 3, None, 4, False), (5, 4, None, 2, True), (7, 7, 64, None, False),
+    (1999, 8, 256, 5, True),
+])
+def test_ddp_ranks_get_equal_counts_and_each_example_exactly_once(lengths, n, num_replicas, max_tokens,
+                                                                  batch_size, shuffle):
     for epoch in (0, 1):
-        for s in samplers:
-            s.set_epoch(epoch)
-        per_rank = [list(s) for s in samplers]
-        assert len({len(b) for b in per_rank}) == 1 and len(samplers[0]) == len(per_rank[0])
-        real = [i for s, batches in zip(samplers, per_rank) for b in batches[: s.num_real_batches] for i in b]
-        assert sorted(real) == list(range(len(lengths)))  # disjoint, and together everything
-        n_global = len(samplers[0].global_batches())
-        assert sum(s.num_real_batches for s in samplers) == n_global
-        assert len(per_rank[0]) * num_replicas - n_global < num_replicas  # only the minimum padding
+        per_rank, single = ranks(lengths[:n], num_replicas, epoch, max_tokens=max_tokens, batch_size=batch_size,
+                                 shuffle=shuffle, seed=5)
+        assert len({len(batches) for batches in per_rank}) == 1                  # no rank waits in a collective
+        seen = [i for batches in per_rank for b in batches for i in b]
+        assert sorted(seen) == list(range(n))                                     # no repeats, nothing dropped
+        assert len(per_rank[0]) == -(-len(single) // num_replicas)               # only the splits needed
+        for b in (b for batches in per_rank for b in batches):
+            assert b and (batch_size is None or len(b) <= batch_size)
+            assert max_tokens is None or len(b) * round_up(max(lengths[i] for i in b), 8) <= max_tokens
+            assert [lengths[i] for i in b] == sorted(lengths[i] for i in b) or not shuffle
 
 
-def test_ddp_with_fewer_batches_than_ranks():
-    samplers = [BucketBatchSampler([4, 4, 4], batch_size=2, num_replicas=4, rank=r) for r in range(4)]
-    assert [len(list(s)) for s in samplers] == [1, 1, 1, 1]
-    assert [s.num_real_batches for s in samplers] == [1, 1, 0, 0]
+def test_ddp_splits_the_last_largest_batch_and_keeps_the_others_in_place():
+    # one process: [0 1 2] [3 4 5] [6]; on 2 ranks [3 4 5] is cut in two and its second half goes last
+    per_rank, single = ranks([4] * 7, 2, batch_size=3, shuffle=False)
+    assert single == [[0, 1, 2], [3, 4, 5], [6]]
+    assert per_rank == [[[0, 1, 2], [6]], [[3, 4], [5]]]
+    per_rank, single = ranks(list(range(3, 23)), 4, batch_size=8, shuffle=False)     # 8 8 4 -> 4 8 4 4 ...
+    assert single == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
+    glob = [per_rank[k % 4][k // 4] for k in range(4)]
+    assert glob == [list(range(8)), list(range(8, 12)), list(range(16, 20)), list(range(12, 16))]
+
+
+def test_ddp_merges_the_smallest_batches_when_splitting_cannot_even_out():
+    with pytest.warns(UserWarning, match=r"5 examples in 5 batches cannot be split into a multiple of "
+                                         r"num_replicas=4; merging the smallest batches"):
+        per_rank, _ = ranks([9, 3, 9, 2, 9], 4, batch_size=1, shuffle=False, pool_size=1)
+    assert per_rank == [[[0]], [[1, 3]], [[2]], [[4]]]        # 3 and 2 tokens pad to 8 each, 9 to 16
+
+
+def test_ddp_needs_an_example_per_rank():
+    with pytest.raises(ValueError, match=r"the split has 3 examples, fewer than the 4 DDP processes"):
+        BucketBatchSampler([4, 4, 4], batch_size=2, num_replicas=4, rank=0)
+    assert [len(list(s)) for s in (BucketBatchSampler([4] * 4, batch_size=2, num_replicas=4, rank=r)
+                                   for r in range(4))] == [1, 1, 1, 1]
 
 
 def test_argument_errors(lengths):

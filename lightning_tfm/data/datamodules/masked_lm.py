@@ -80,11 +80,6 @@ class MaskSeedBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return len(self.batches)
 
-    @property
-    def num_real_batches(self) -> int:
-        """How many of this rank's batches (its first ones) are not repeats added for DDP."""
-        return self.batches.num_real_batches
-
 
 def collate_masked_lm(items: list[dict[str, Any]], pad_id: int, mask_id: int, special_ids: Sequence[int],
                       vocab_size: int, mask_prob: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1,

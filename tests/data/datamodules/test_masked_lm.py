@@ -136,10 +136,15 @@ def test_masks_do_not_depend_on_the_number_of_processes(mlm, split):
         dm = make(mlm.train_path, mlm.tokenizer_dir, val_path=mlm.val_path)
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what Lightning attaches under DDP
         ranked.append(batches(dm))
-    for b, batch in enumerate(single):  # global batch b is batch b // 2 of rank b % 2, with the same masks
-        theirs = ranked[b % 2][b // 2]
-        assert torch.equal(batch["index"], theirs["index"]) and torch.equal(batch["ids"], theirs["ids"])
-        assert torch.equal(batch["labels"], theirs["labels"])
+    split = []
+    for b, batch in enumerate(single):  # global batch b is batch b // 2 of rank b % 2, with the same masks,
+        theirs = ranked[b % 2][b // 2]  # except a batch split in two to even out an odd count (its first half)
+        if not torch.equal(batch["index"], theirs["index"]):
+            assert torch.equal(batch["index"][: len(theirs["index"])], theirs["index"])
+            split.append(b)
+            continue
+        assert torch.equal(batch["ids"], theirs["ids"]) and torch.equal(batch["labels"], theirs["labels"])
+    assert len(split) == len(single) % 2
     assert not torch.equal(ranked[0][0]["labels"][:1], ranked[1][0]["labels"][:1])
 
 
