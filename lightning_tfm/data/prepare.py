@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol
 
+import numpy as np
 from tokenizers import Tokenizer
 
-from lightning_tfm.data.shards import TEXT, Rows, RowWriter, histogram, token_dtype
+from lightning_tfm.data.shards import LENGTH_EDGES, TEXT, Rows, RowWriter, histogram_counts, histogram_dict, token_dtype
+from lightning_tfm.data.tokenize_workers import Framing, tokenized_chunks
 
 FORMAT = 1
-CHUNK = 4096            # examples a worker tokenizes at a time
 
 
 @dataclass
@@ -63,8 +63,14 @@ class Preparable(Protocol):
     def keeps_text(self, split: str) -> bool:
         """Whether the split's raw strings are stored beside its ids (what evaluation shows or scores)."""
 
-    def finish_ids(self, split: str, field: str, ids: list[list[int]], lines: list[int]) -> list[list[int]]:
-        """Add special tokens and apply max_len (raising or truncating) to one chunk of a field."""
+    def framing(self, split: str, field: str) -> Framing:
+        """The special tokens a field's rows get and its max_len rule."""
+
+    def too_long(self, split: str, field: str, where: str, length: int) -> ValueError:
+        """The error for a row of `length` ids (special tokens included) over max_len, at `where` (path:line)."""
+
+    def truncated(self, split: str, field: str, count: int, total: int, first: str) -> None:
+        """Warn once that `count` of `total` rows were cut to max_len, the first at `first` (path:line)."""
 
 
 # --- fingerprints ------------------------------------------------------------------------------------------
@@ -202,23 +208,27 @@ def prepare(dm: Preparable, workers: int = 1, rebuild: bool = False, progress: b
 
 
 def _write_split(dm: Preparable, split: str, workers: int, progress: bool) -> dict[str, Any]:
-    folder, fields = Path(dm.prepared_dir or "."), dm.prepared_fields()
-    sources = [fingerprint(f) for f in dm.source_files(split)]
+    folder, fields, files = Path(dm.prepared_dir or "."), dm.prepared_fields(), dm.source_files(split)
+    sources = [fingerprint(f) for f in files]
     dtype = token_dtype(dm.tokenizer.get_vocab_size(with_added_tokens=True))
     writers = {f: RowWriter(folder, f"{split}.{f}", dtype) for f in fields}
-    keep_text = dm.keeps_text(split)
-    texts = {f: RowWriter(folder, f"{split}.{f}.text", TEXT) for f in fields} if keep_text else {}
-    lengths: list[int] = []
+    texts = {f: RowWriter(folder, f"{split}.{f}.text", TEXT) for f in fields} if dm.keeps_text(split) else {}
+    framings = [dm.framing(split, f) for f in fields]
+    lengths = np.zeros(len(LENGTH_EDGES) + 1, dtype=np.int64)
+    cut: dict[str, list[Any]] = {f: [0, ""] for f in fields}          # per field: rows truncated, the first
     bar = _progress(split, progress)
     try:
-        for chunk, ids in _tokenized_chunks(dm, split, workers):
-            lines = [e.line for e in chunk]
-            for k, field in enumerate(fields):
-                rows = dm.finish_ids(split, field, ids[k], lines)
-                writers[field].add(rows)
+        for chunk, framed in tokenized_chunks(dm.tokenizer, dm.raw_examples(split), framings, dtype, workers):
+            for k, (field, ids) in enumerate(zip(fields, framed)):
+                where = lambda i: f"{files[min(k, len(files) - 1)]}:{chunk[i].line}"  # noqa: E731
+                if ids.too_long is not None:
+                    raise dm.too_long(split, field, where(ids.too_long[0]), ids.too_long[1])
+                if ids.cut:
+                    cut[field] = [cut[field][0] + len(ids.cut), cut[field][1] or where(ids.cut[0])]
+                writers[field].add_flat(ids.flat, ids.lengths)
                 if k == 0:
-                    lengths.extend(len(r) for r in rows)
-                if keep_text:
+                    lengths += histogram_counts(ids.lengths)
+                if texts:
                     texts[field].add([e.texts[k].encode("utf-8") for e in chunk])
             bar.update(len(chunk))
             tokens, elapsed = sum(w.values for w in writers.values()), bar.format_dict["elapsed"] or 1e-9
@@ -230,8 +240,11 @@ def _write_split(dm: Preparable, split: str, workers: int, progress: bool) -> di
     finally:
         bar.close()
     records = {f: w.finish() for f, w in writers.items()}
+    for field, (count, first) in cut.items():
+        if count:
+            dm.truncated(split, field, count, records[field]["rows"], first)
     return {"sources": sources, "examples": records[fields[0]]["rows"],
-            "tokens": {f: r["values"] for f, r in records.items()}, "lengths_histogram": histogram(lengths),
+            "tokens": {f: r["values"] for f, r in records.items()}, "lengths_histogram": histogram_dict(lengths),
             "fields": records, "texts": {f: w.finish() for f, w in texts.items()}}
 
 
@@ -240,62 +253,3 @@ def _progress(split: str, enabled: bool) -> Any:
 
     return tqdm(desc=f"prepare {split}", unit=" examples", unit_scale=True, disable=not enabled, file=sys.stderr,
                 mininterval=0.5)
-
-
-def _chunks(examples: Iterator[Example], size: int) -> Iterator[list[Example]]:
-    chunk: list[Example] = []
-    for example in examples:
-        chunk.append(example)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _tokenized_chunks(dm: Preparable, split: str, workers: int) -> Iterator[tuple[list[Example], list[Any]]]:
-    """(chunk, ids per field) in order; with workers > 1 the chunks are tokenized in a process pool."""
-    chunks = _chunks(dm.raw_examples(split), CHUNK)
-    if workers <= 1:
-        for chunk in chunks:
-            yield chunk, _encode_fields(dm.tokenizer, [e.texts for e in chunk])
-        return
-    # fork where the OS has it: the workers need only the tokenizer, and a spawned one would import torch first
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    parallel = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one thread per worker; also keeps tokenizers from warning
-    try:
-        with multiprocessing.get_context(method).Pool(workers, _init_worker, (dm.tokenizer.to_str(),)) as pool:
-            pending = ((chunk, pool.apply_async(_encode_in_worker, ([e.texts for e in chunk],))) for chunk in chunks)
-            window: list[Any] = []
-            for item in pending:                      # at most 2 chunks a worker in flight: bounded memory
-                window.append(item)
-                if len(window) >= 2 * workers:
-                    chunk, result = window.pop(0)
-                    yield chunk, result.get()
-            for chunk, result in window:
-                yield chunk, result.get()
-    finally:
-        if parallel is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = parallel
-
-
-def _encode_fields(tokenizer: Tokenizer, texts: Sequence[tuple[str, ...]]) -> list[list[list[int]]]:
-    """Per field, the ids of each example's text (no special tokens)."""
-    return [[e.ids for e in tokenizer.encode_batch([t[k] for t in texts], add_special_tokens=False)]
-            for k in range(len(texts[0]))]
-
-
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def _init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
-
-
-def _encode_in_worker(texts: list[tuple[str, ...]]) -> list[list[list[int]]]:
-    assert _WORKER_TOKENIZER is not None
-    return _encode_fields(_WORKER_TOKENIZER, texts)

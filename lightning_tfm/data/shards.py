@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -47,6 +47,15 @@ class RowWriter:
         self._idx = open(self._tmp["idx"], "wb")
         self._idx.write(np.zeros(1, dtype=np.int64).tobytes())
         self.rows, self.values = 0, 0
+
+    def add_flat(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Append rows given end to end in `flat` (already of this writer's dtype) with their `lengths`."""
+        if flat.dtype != self.dtype or int(lengths.sum()) != len(flat):
+            raise ValueError(f"{self.name}: {len(flat)} {flat.dtype} values for rows of {int(lengths.sum())} "
+                             f"{self.dtype} values")
+        self._bin.write(flat.tobytes())
+        self._idx.write((self.values + np.cumsum(lengths, dtype=np.int64)).tobytes())
+        self.rows, self.values = self.rows + len(lengths), self.values + len(flat)
 
     def add(self, rows: Sequence[Sequence[int]] | Sequence[bytes]) -> None:
         """Append rows: token id lists, or UTF-8 byte strings for a text field."""
@@ -125,8 +134,15 @@ class Rows:
         return np.diff(np.asarray(self.offsets[start:(len(self) if stop is None else stop) + 1]))
 
 
-def histogram(lengths: Iterable[int], edges: Sequence[int] = (8, 16, 32, 64, 128, 256, 512, 1024)) -> dict[str, int]:
-    """Counts of lengths per bin, "<=8", "<=16", ..., ">1024", for the manifest."""
-    counts = np.bincount(np.searchsorted(edges, np.fromiter(lengths, dtype=np.int64)), minlength=len(edges) + 1)
-    names = [f"<={e}" for e in edges] + [f">{edges[-1]}"]
+LENGTH_EDGES = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def histogram_counts(lengths: np.ndarray) -> np.ndarray:
+    """How many lengths fall in each bin <=8, <=16, ..., <=1024, >1024 (summed chunk by chunk)."""
+    return np.bincount(np.searchsorted(LENGTH_EDGES, lengths), minlength=len(LENGTH_EDGES) + 1)
+
+
+def histogram_dict(counts: np.ndarray) -> dict[str, int]:
+    """`histogram_counts` named for the manifest: {"<=8": n, ..., ">1024": n}."""
+    names = [f"<={e}" for e in LENGTH_EDGES] + [f">{LENGTH_EDGES[-1]}"]
     return {name: int(c) for name, c in zip(names, counts)}

@@ -4,6 +4,7 @@ and every damaged file named."""
 import gzip
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -154,3 +155,24 @@ def test_language_model_streams_are_the_raw_ones(shakespeare_small, tmp_path, ki
         assert len(a) == len(b) > 100 and isinstance(b.tokens, np.memmap)
         assert np.array_equal(a.tokens.numpy(), np.asarray(b.tokens))
         assert torch.equal(a[len(a) - 1]["ids"], b[len(b) - 1]["ids"]) and b[0]["ids"].dtype == torch.long
+
+
+def test_max_len_errors_and_truncation_match_the_raw_path(corpus, prepared, tmp_path):
+    tok, _ = prepared
+    messages = []
+    for folder in (None, tmp_path / "p"):
+        dm = make(corpus, tok, folder, max_len=12)
+        with pytest.raises(ValueError) as error:
+            prepare(dm, progress=False) if folder else dm.dataset("train")
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and re.search(r"train.en:\d+: source has \d+ tokens with its special tokens, "
+                                                    r"more than data.max_len=12", messages[0])
+    warned = []
+    for folder in (None, tmp_path / "q"):
+        dm = make(corpus, tok, folder, max_len=12, truncate=True)
+        with pytest.warns(UserWarning, match=r"data.train: truncated \d+ of 1998 targets") as seen:
+            prepare(dm, workers=2, progress=False) if folder else dm.dataset("train")
+        warned.append(sorted(str(w.message) for w in seen if "data.train: truncated" in str(w.message)))
+        assert max(len(r) for r in dm.dataset("train").tgt) == 12 if folder is None else \
+            dm.dataset("train").lengths().max() == 12
+    assert warned[0] == warned[1] and len(warned[0]) == 2

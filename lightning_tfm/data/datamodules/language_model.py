@@ -20,6 +20,7 @@ from lightning_tfm.data.datamodules.base import TextDataModule, check_file
 from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import read_lines, read_text
 from lightning_tfm.data.streams import iter_lines
+from lightning_tfm.data.tokenize_workers import Framing
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
 
 
@@ -212,8 +213,14 @@ class LanguageModelDataModule(TextDataModule):
             if line:
                 yield Example((line,), number)
 
-    def finish_ids(self, split: str, field: str, ids: list[list[int]], lines: list[int]) -> list[list[int]]:
-        return ids
+    def framing(self, split: str, field: str) -> Framing:
+        return Framing()        # a stream: no special tokens, no length limit
+
+    def too_long(self, split: str, field: str, where: str, length: int) -> ValueError:
+        raise AssertionError("a stream has no max_len")
+
+    def truncated(self, split: str, field: str, count: int, total: int, first: str) -> None:
+        raise AssertionError("a stream has no max_len")
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")

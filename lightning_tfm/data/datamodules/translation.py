@@ -22,7 +22,10 @@ from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import BlankLines, is_table, read_lines, read_pairs, read_table
 from lightning_tfm.data.shards import Rows
 from lightning_tfm.data.streams import iter_pairs
+from lightning_tfm.data.tokenize_workers import Framing, frame
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+
+_SIDES = {"src": "source", "tgt": "target"}
 
 
 @dataclass
@@ -185,12 +188,10 @@ class TranslationDataModule(TextDataModule):
         if self.prepared_dir is not None and (split != "predict" or self.predict_path is None):
             return PreparedTranslationDataset(*open_split(self, "test" if split == "predict" else split))
         texts = self._read(split)
-        ids = self.special_ids
-        src = self._fit(split, "source", self.encode(texts.sources), [], [ids.eos], texts.src_file, texts.lines)
+        src = self._fit(split, "src", self.encode(texts.sources), texts.src_file, texts.lines)
         tgt = None
         if texts.targets is not None:
-            tgt = self._fit(split, "target", self.encode(texts.targets), [ids.bos], [ids.eos], texts.tgt_file,
-                            texts.lines)
+            tgt = self._fit(split, "tgt", self.encode(texts.targets), texts.tgt_file, texts.lines)
         return TranslationDataset(src, tgt, texts)
 
     # --- prepared rows (data/prepare.py's Preparable) -----------------------------------------------------
@@ -222,11 +223,19 @@ class TranslationDataModule(TextDataModule):
     def keeps_text(self, split: str) -> bool:
         return split != "train"           # BLEU scores the raw references; predictions show the sources
 
-    def finish_ids(self, split: str, field: str, ids: list[list[int]], lines: list[int]) -> list[list[int]]:
-        special, files = self.special_ids, self.source_files(split)
-        prefix = [special.bos] if field == "tgt" else []
-        file = files[0] if field == "src" or len(files) == 1 else files[1]
-        return self._fit(split, "source" if field == "src" else "target", ids, prefix, [special.eos], file, lines)
+    def framing(self, split: str, field: str) -> Framing:
+        """A source is its tokens + eos, a target bos + tokens + eos; at most max_len each."""
+        special = self.special_ids
+        prefix = (special.bos,) if field == "tgt" else ()
+        return Framing(prefix, (special.eos,), self.max_len, self.truncate)
+
+    def too_long(self, split: str, field: str, where: str, length: int) -> ValueError:
+        return ValueError(f"{where}: {_SIDES[field]} has {length} tokens with its special tokens, more than "
+                          f"data.max_len={self.max_len}; set data.truncate=true to cut it, or raise data.max_len")
+
+    def truncated(self, split: str, field: str, count: int, total: int, first: str) -> None:
+        rank_zero_warn(f"data.{split}: truncated {count} of {total} {_SIDES[field]}s to data.max_len="
+                       f"{self.max_len} tokens (first at {first})")
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable(self._loader("train", shuffle=True))
@@ -270,24 +279,15 @@ class TranslationDataModule(TextDataModule):
         return _Texts([p.source for p in pairs], [p.target for p in pairs], files[0], files[1],
                       [p.line for p in pairs])
 
-    def _fit(self, split: str, side: str, seqs: list[list[int]], prefix: list[int], suffix: list[int],
-             file: str, lines: list[int]) -> list[list[int]]:
-        """Add the special tokens and enforce max_len: truncate with one warning per split, or raise."""
-        room = self.max_len - len(prefix) - len(suffix)
-        out, cut = [], []
-        for i, seq in enumerate(seqs):
-            if len(seq) > room:
-                if not self.truncate:
-                    raise ValueError(f"{file}:{lines[i]}: {side} has {len(seq) + len(prefix) + len(suffix)} "
-                                     f"tokens with its special tokens, more than data.max_len={self.max_len}; "
-                                     "set data.truncate=true to cut it, or raise data.max_len")
-                cut.append(i)
-                seq = seq[:room]
-            out.append(prefix + seq + suffix)
-        if cut:
-            rank_zero_warn(f"data.{split}: truncated {len(cut)} of {len(seqs)} {side}s to data.max_len="
-                           f"{self.max_len} tokens (first at {file}:{lines[cut[0]]})")
-        return out
+    def _fit(self, split: str, field: str, seqs: list[list[int]], file: str, lines: list[int]) -> list[list[int]]:
+        """Add the special tokens and enforce max_len (`framing`): truncate with one warning per split, or raise."""
+        framed = frame(seqs, self.framing(split, field), "int64")
+        if framed.too_long is not None:
+            raise self.too_long(split, field, f"{file}:{lines[framed.too_long[0]]}", framed.too_long[1])
+        if framed.cut:
+            self.truncated(split, field, len(framed.cut), len(seqs), f"{file}:{lines[framed.cut[0]]}")
+        ends = np.cumsum(framed.lengths)
+        return [framed.flat[end - n:end].tolist() for end, n in zip(ends, framed.lengths)]
 
     def _loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
         dataset = self.dataset(split)
