@@ -55,7 +55,9 @@ def test_sigkill_mid_epoch_then_resume_trains_the_same_batches_to_the_same_weigh
     before_crash = batches(crashed)
     assert len(before_crash) == 17
 
-    lightning_tfm("fit", "--config", lm_config(tmp_path, crashed, data), "--ckpt_path", "last")
+    # the resumed run builds its training loader before the checkpoint's data state is restored (#20550)
+    early = {"class_path": "probes.ReadStepsAtSetup"}
+    lightning_tfm("fit", "--config", lm_config(tmp_path, crashed, data, early), "--ckpt_path", "last")
     after_resume = batches(crashed)[17:]
     assert [line.split()[0] for line in after_resume] == ["15", "16", "17", "18", "19"]
     assert before_crash[15:] == after_resume[:2]                 # batches 15 and 16 are trained again, as they

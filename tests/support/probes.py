@@ -81,3 +81,13 @@ class SaveFirstBatch(L.Callback):
             self.folder.mkdir(parents=True, exist_ok=True)
             torch.save({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)},
                        self.folder / "first_batch.pt")
+
+
+class ReadStepsAtSetup(L.Callback):
+    """Reads `trainer.estimated_stepping_batches` in `setup`, which builds the training loader before a
+    resumed run restores the datamodule's state (the order of Lightning-AI/pytorch-lightning#20550, where a
+    schedule's `configure_optimizers` reads it under a strategy that restores after setup)."""
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            assert trainer.estimated_stepping_batches > 0
