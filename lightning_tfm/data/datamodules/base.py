@@ -205,16 +205,28 @@ class TextDataModule(L.LightningDataModule):
     # --- loaders -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The epoch and the training batches done in it; Lightning stores this in every checkpoint."""
+        """The epoch, the training batches done in it (the same on every rank: each has as many batches) and
+        the number of processes; Lightning stores this in every checkpoint."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": done}
+        return {"epoch": trainer.current_epoch, "batches_done": done, "world_size": trainer.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Called by Lightning when fit resumes from a checkpoint, before the training loader is built."""
+        """Called by Lightning when fit resumes from a checkpoint, before the training loader is built.
+
+        Raises:
+            ValueError: the checkpoint is mid-epoch and was written by another number of processes, whose
+                batches were cut differently: resuming would skip or repeat examples.
+        """
         self._resume = (state["epoch"], state["batches_done"]) if state else None
+        saved, now = state.get("world_size"), self.world()[0]
+        if self._resume is not None and self._resume[1] > 0 and saved is not None and saved != now:
+            raise ValueError(f"the checkpoint stopped {self._resume[1]} batches into epoch {self._resume[0]} of a "
+                             f"run with {saved} processes, and this run has {now}: the epoch's batches are split "
+                             f"across processes differently, so resuming there would skip or repeat examples; "
+                             f"resume on {saved} devices, or from a checkpoint written at the end of an epoch")
 
     def resumable(self, loader: DataLoader) -> DataLoader:
         """The training loader, starting at the batch after the checkpoint's when fit resumes mid-epoch."""
