@@ -6,7 +6,12 @@ SHA-256), the tokenizer's SHA-256, the datamodule's settings that change the ids
 per split the example and token counts, a lengths histogram and each file's size. It is written last and
 atomically; a rebuild deletes it first. So a folder either has a manifest whose files are all complete, or none.
 
-A datamodule opts in by implementing `Preparable` (the translation datamodule does); `prepare` drives it.
+Besides its tokenized texts an example may carry integer values that are not text (a classifier's label indices):
+each such field is one int64 row per example, and the manifest records the names its values index (the label
+set), so a later run learns them without reading the raw files.
+
+A datamodule opts in by implementing `Preparable` (the translation, language-model and classification
+datamodules do); `prepare` drives it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -27,14 +32,26 @@ from lightning_tfm.data.shards import LENGTH_EDGES, TEXT, Rows, RowWriter, histo
 from lightning_tfm.data.tokenize_workers import Framing, tokenized_chunks
 
 FORMAT = 1
+VALUES = "int64"        # dtype of a value field's rows: any integer, a negative one included
 
 
 @dataclass
 class Example:
-    """One raw example: its texts, one per tokenized field, and the line it came from (for errors)."""
+    """One raw example: its texts, one per tokenized field; the line it came from (for errors); and its values,
+    one row of integers per value field (`Preparable.prepared_values`), e.g. ((2,),) for class 2."""
 
     texts: tuple[str, ...]
     line: int
+    values: tuple[Sequence[int], ...] = ()
+
+
+@dataclass
+class PreparedSplit:
+    """The rows of a prepared split, by field: token ids, raw texts (where `keeps_text`), and values."""
+
+    tokens: dict[str, Rows]
+    texts: dict[str, Rows]
+    values: dict[str, Rows]
 
 
 class Preparable(Protocol):
@@ -50,6 +67,11 @@ class Preparable(Protocol):
 
     def prepared_fields(self) -> tuple[str, ...]:
         """Names of the tokenized fields of an example, e.g. ("src", "tgt")."""
+
+    def prepared_values(self) -> dict[str, list[str] | None]:
+        """The integer fields of an example besides its tokens, in `Example.values` order, each with the names
+        its values index (recorded in the manifest, see `recorded_names`) or None, e.g. {"labels": ["neg",
+        "pos"]}; {} for none."""
 
     def prepared_settings(self) -> dict[str, Any]:
         """Every setting besides the tokenizer that changes the prepared ids."""
@@ -129,6 +151,21 @@ def mismatch(manifest: dict[str, Any], dm: Preparable) -> str | None:
         return f"it was prepared for {manifest['task']}, not {type(dm).__name__}"
     if manifest["tokenizer_sha256"] != tokenizer_sha256(dm.tokenizer):
         return "it was prepared with another tokenizer than this run's"
+    return _data_mismatch(manifest, dm)
+
+
+def recorded_names(dm: Preparable, field: str) -> list[str] | None:
+    """The names the values of `field` index (a label set, needed to size a model's head before any data is
+    read), as an up-to-date manifest recorded them, so a prepared run never reads its raw files; None without a
+    manifest or when the settings or raw files changed since (the raw files decide then, and `open_split`
+    refuses the rows). The tokenizer is not checked: the names do not depend on it, and loading it may train it."""
+    manifest = read_manifest(manifest_path(dm))
+    if manifest is None or manifest["task"] != type(dm).__name__ or _data_mismatch(manifest, dm):
+        return None
+    return manifest.get("value_names", {}).get(field)
+
+
+def _data_mismatch(manifest: dict[str, Any], dm: Preparable) -> str | None:
     settings = dm.prepared_settings()
     changed = [k for k in sorted(set(settings) | set(manifest["settings"]))
                if settings.get(k) != manifest["settings"].get(k)]
@@ -147,8 +184,8 @@ def mismatch(manifest: dict[str, Any], dm: Preparable) -> str | None:
     return None
 
 
-def open_split(dm: Preparable, split: str) -> tuple[dict[str, Rows], dict[str, Rows]]:
-    """(token fields, text fields) of a prepared split, after checking the manifest against `dm`.
+def open_split(dm: Preparable, split: str) -> PreparedSplit:
+    """A prepared split's rows, after checking the manifest against `dm`.
 
     Raises:
         ValueError: no manifest (naming the command that writes it), a mismatch, a missing or truncated file.
@@ -165,11 +202,12 @@ def open_split(dm: Preparable, split: str) -> tuple[dict[str, Rows], dict[str, R
     folder = path.parent
     tokens = {field: Rows(folder, f"{split}.{field}", record["fields"][field]) for field in dm.prepared_fields()}
     texts = {field: Rows(folder, f"{split}.{field}.text", record["texts"][field]) for field in record["texts"]}
-    counts = {len(rows) for rows in [*tokens.values(), *texts.values()]}
+    values = {field: Rows(folder, f"{split}.{field}", r) for field, r in record.get("values", {}).items()}
+    counts = {len(rows) for rows in [*tokens.values(), *texts.values(), *values.values()]}
     if counts != {record["examples"]}:
         raise ValueError(f"{folder}: the {split} files hold {sorted(counts)} rows, the manifest says "
                          f"{record['examples']}; prepare again with --rebuild")
-    return tokens, texts
+    return PreparedSplit(tokens, texts, values)
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -196,7 +234,7 @@ def prepare(dm: Preparable, workers: int = 1, rebuild: bool = False, progress: b
         splits[split] = _write_split(dm, split, workers, progress)
     manifest = {"format": FORMAT, "task": type(dm).__name__, "tokenizer_sha256": tokenizer_sha256(dm.tokenizer),
                 "vocab_size": dm.tokenizer.get_vocab_size(with_added_tokens=True),
-                "settings": dm.prepared_settings(), "splits": splits}
+                "settings": dm.prepared_settings(), "value_names": dm.prepared_values(), "splits": splits}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     os.replace(tmp, path)
@@ -213,6 +251,7 @@ def _write_split(dm: Preparable, split: str, workers: int, progress: bool) -> di
     dtype = token_dtype(dm.tokenizer.get_vocab_size(with_added_tokens=True))
     writers = {f: RowWriter(folder, f"{split}.{f}", dtype) for f in fields}
     texts = {f: RowWriter(folder, f"{split}.{f}.text", TEXT) for f in fields} if dm.keeps_text(split) else {}
+    values = {f: RowWriter(folder, f"{split}.{f}", VALUES) for f in dm.prepared_values()}
     framings = [dm.framing(split, f) for f in fields]
     lengths = np.zeros(len(LENGTH_EDGES) + 1, dtype=np.int64)
     cut: dict[str, list[Any]] = {f: [0, ""] for f in fields}          # per field: rows truncated, the first
@@ -230,11 +269,13 @@ def _write_split(dm: Preparable, split: str, workers: int, progress: bool) -> di
                     lengths += histogram_counts(ids.lengths)
                 if texts:
                     texts[field].add([e.texts[k].encode("utf-8") for e in chunk])
+            for k, writer in enumerate(values.values()):
+                writer.add([e.values[k] for e in chunk])
             bar.update(len(chunk))
             tokens, elapsed = sum(w.values for w in writers.values()), bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix_str(f"{tokens / elapsed:,.0f} tokens/s", refresh=False)
     except BaseException:
-        for writer in [*writers.values(), *texts.values()]:
+        for writer in [*writers.values(), *texts.values(), *values.values()]:
             writer.abandon()
         raise
     finally:
@@ -245,7 +286,8 @@ def _write_split(dm: Preparable, split: str, workers: int, progress: bool) -> di
             dm.truncated(split, field, count, records[field]["rows"], first)
     return {"sources": sources, "examples": records[fields[0]]["rows"],
             "tokens": {f: r["values"] for f, r in records.items()}, "lengths_histogram": histogram_dict(lengths),
-            "fields": records, "texts": {f: w.finish() for f, w in texts.items()}}
+            "fields": records, "texts": {f: w.finish() for f, w in texts.items()},
+            "values": {f: w.finish() for f, w in values.items()}}
 
 
 def _progress(split: str, enabled: bool) -> Any:

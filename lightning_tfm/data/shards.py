@@ -1,10 +1,11 @@
 """Prepared token storage: one memory-mapped array of variable-length rows per split and field.
 
 A field `NAME` of a split is two files: `NAME.bin`, every row's values end to end (token ids as uint16 when the
-vocabulary fits in 16 bits, else uint32; raw UTF-8 text as uint8), and `NAME.idx`, N + 1 int64 offsets, row i
-being `bin[idx[i]:idx[i + 1]]`. This is nanoGPT's `train.bin` with an index added, which is what Megatron's and
-fairseq's indexed datasets are too: reading row i is two slices of pages the OS caches and evicts, so resident
-memory does not grow with the corpus, and nothing needs decoding (measured against Arrow tables in the README).
+vocabulary fits in 16 bits, else uint32; raw UTF-8 text as uint8; other integers, e.g. label indices, as int64),
+and `NAME.idx`, N + 1 int64 offsets, row i being `bin[idx[i]:idx[i + 1]]`. This is nanoGPT's `train.bin` with an
+index added, which is what Megatron's and fairseq's indexed datasets are too: reading row i is two slices of
+pages the OS caches and evicts, so resident memory does not grow with the corpus, and nothing needs decoding
+(measured against Arrow tables in the README).
 
 A `RowWriter` writes under temporary names; `finish` flushes, fsyncs and renames them into place, and the
 manifest (`data/prepare.py`) that records every file's size is written last, so a crash leaves no file that
@@ -36,7 +37,7 @@ class RowWriter:
     Args:
         folder: where the two files go.
         name: the field's file name stem, e.g. "train.src".
-        dtype: "uint16"/"uint32" for token ids (`token_dtype`), "uint8" for UTF-8 text.
+        dtype: "uint16"/"uint32" for token ids (`token_dtype`), "uint8" for UTF-8 text, "int64" for other values.
     """
 
     def __init__(self, folder: Path, name: str, dtype: str) -> None:
@@ -58,15 +59,17 @@ class RowWriter:
         self.rows, self.values = self.rows + len(lengths), self.values + len(flat)
 
     def add(self, rows: Sequence[Sequence[int]] | Sequence[bytes]) -> None:
-        """Append rows: token id lists, or UTF-8 byte strings for a text field."""
+        """Append rows: token id (or other integer) lists, or UTF-8 byte strings for a text field."""
         if not rows:
             return
         if self.dtype == np.uint8:
             flat = np.frombuffer(b"".join(rows), dtype=np.uint8)      # type: ignore[arg-type]
         else:
             flat = np.fromiter((v for row in rows for v in row), dtype=np.int64)
-            if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(self.dtype).max):
-                raise ValueError(f"{self.name}: token id {int(flat.max())} does not fit in {self.dtype}")
+            limits = np.iinfo(self.dtype)
+            if flat.size and (flat.min() < limits.min or flat.max() > limits.max):
+                bad = int(flat.min()) if flat.min() < limits.min else int(flat.max())
+                raise ValueError(f"{self.name}: value {bad} does not fit in {self.dtype}")
         lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
         self._bin.write(flat.astype(self.dtype, copy=False).tobytes())
         self._idx.write((self.values + np.cumsum(lengths)).tobytes())

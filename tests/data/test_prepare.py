@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_tfm.data import LanguageModelDataModule, TranslationDataModule
+from lightning_tfm.data import ClassificationDataModule, LanguageModelDataModule, TranslationDataModule
 from lightning_tfm.data.prepare import prepare
 from lightning_tfm.data.shards import Rows, RowWriter, token_dtype
 
@@ -176,3 +176,96 @@ def test_max_len_errors_and_truncation_match_the_raw_path(corpus, prepared, tmp_
         assert max(len(r) for r in dm.dataset("train").tgt) == 12 if folder is None else \
             dm.dataset("train").lengths().max() == 12
     assert warned[0] == warned[1] and len(warned[0]) == 2
+
+
+def assert_same_items(raw, ready, splits):
+    """Item by item (ids, segments, labels, index) and batch by batch, the prepared splits are the raw ones."""
+    for split in splits:
+        a, b = raw.dataset(split), ready.dataset(split)
+        assert len(a) == len(b) > 0 and np.array_equal(a.lengths(), b.lengths())
+        for i in range(len(a)):
+            x, y = a[i], b[i]
+            assert (x["index"], x["ids"], x["segments"], x["label"]) == \
+                (y["index"], y["ids"].tolist(), y["segments"].tolist(), y["label"])
+    for x, y in zip(raw.val_dataloader(), ready.val_dataloader(), strict=True):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_classification_splits_are_the_raw_ones(sst2_small, data_dir, tmp_path):
+    """SST-2 with a seeded val_fraction split carved off train, dev.tsv as test, short max_len (so inputs are
+    cut, with the same warnings); the prepared run learns its labels from the manifest and reads no raw row."""
+    args = dict(train_path=str(sst2_small), val_path=None, val_fraction=0.1, seed=3,
+                test_path=str(data_dir / "sst2" / "dev.tsv"), max_len=16, tokenizer_vocab_size=600,
+                tokenizer_dir=str(tmp_path / "tok"))
+    raw, ready = ClassificationDataModule(**args), ClassificationDataModule(**args, prepared_dir=str(tmp_path / "p"))
+    warned = []
+    for dm in (raw, ready):
+        with pytest.warns(UserWarning, match=r"data.(train|val|test): truncated \d+ of (2700|300|872) inputs") as seen:
+            dm.prepare_data()
+            dm.setup()
+        warned.append(sorted(str(w.message) for w in seen if "truncated" in str(w.message)))
+    assert warned[0] == warned[1] and len(warned[0]) == 3
+    again = ClassificationDataModule(**args, prepared_dir=str(tmp_path / "p"))
+    assert again.label_names == raw.label_names == ["0", "1"]
+    assert_same_items(raw, again, ("train", "val", "test"))
+    assert again._rows == {}                                    # neither the labels nor the rows came from raw
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["value_names"] == {"labels": ["0", "1"]} and manifest["settings"]["seed"] == 3
+    assert manifest["splits"]["val"]["values"]["labels"]["rows"] == 300
+    assert [Path(s["path"]).name for s in manifest["splits"]["val"]["sources"]] == ["train.tsv"]
+
+
+PAIRS = [{"premise": "a man is playing a guitar on the stage", "hypothesis": "a man plays music", "tags": "music"},
+         {"premise": "a dog runs", "hypothesis": "a cat sleeps on the warm sofa all day long", "tags": "animal,rest"},
+         {"premise": "two people walk", "hypothesis": "people walk", "tags": ""}] * 20
+
+
+def pairs_dm(folder: Path, prepared: Path | None, **kw) -> ClassificationDataModule:
+    """Multi-label text pairs (an empty tag cell is an example with no label), cut longest-first at max_len."""
+    args = dict(train_path=str(folder / "train.jsonl"), val_path=str(folder / "val.jsonl"), text_column="premise",
+                text_pair_column="hypothesis", label_column="tags", label_delimiter=",", tokenizer_kind="char",
+                tokenizer_dir=str(folder / "tok"), max_len=32, batch_size=16,
+                prepared_dir=None if prepared is None else str(prepared))
+    return ClassificationDataModule(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pairs")
+    for name, records in (("train", PAIRS), ("val", PAIRS[:9])):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"data.(train|val): truncated (40 of 60|6 of 9) inputs"):
+        prepare(pairs_dm(folder, folder / "p"), progress=False)
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:data.(train|val). truncated")
+def test_classification_pairs_and_multi_labels_are_the_raw_ones(pairs):
+    raw, ready = pairs_dm(pairs, None), pairs_dm(pairs, pairs / "p")
+    assert_same_items(raw, ready, ("train", "val"))
+    assert ready.dataset("train")[2]["label"] == [] and ready.dataset("train")[1]["label"] == [0, 2]
+    assert ready.label_names == ["animal", "music", "rest"]
+    messages = []
+    for folder in (None, pairs / "short"):
+        dm = pairs_dm(pairs, folder, max_len=20, truncate=False)
+        with pytest.raises(ValueError) as error:
+            prepare(dm, progress=False) if folder else dm.dataset("train")
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and re.fullmatch(r".*train.jsonl:1: input has 58 tokens with its special tokens, "
+                                                       r"more than data.max_len=20; .*", messages[0])
+
+
+def test_classification_refuses_changed_labels_and_files(pairs, tmp_path):
+    with pytest.raises(ValueError, match=r"label_delimiter ',' -> ';'.*--rebuild"):
+        prepare(pairs_dm(pairs, pairs / "p", label_delimiter=";"), progress=False)
+    named = pairs_dm(pairs, pairs / "p", label_names=["animal", "music", "rest"])
+    with pytest.raises(ValueError, match=r"label_names None -> \['animal', 'music', 'rest'\]; run lightning_tfm "):
+        named.dataset("train")
+    changed = tmp_path / "changed"
+    shutil.copytree(pairs, changed, ignore=shutil.ignore_patterns("p", "short"))
+    shutil.copytree(pairs / "p", tmp_path / "p")
+    (changed / "train.jsonl").write_text((changed / "train.jsonl").read_text().replace('"music"', '"song"', 1))
+    dm = pairs_dm(changed, tmp_path / "p")
+    assert dm.label_names == ["animal", "music", "rest", "song"]      # a stale manifest's names are not used
+    with pytest.raises(ValueError, match=r"train.jsonl changed since it was prepared; run lightning_tfm prepare"):
+        dm.dataset("val")

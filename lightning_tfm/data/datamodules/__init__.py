@@ -1,11 +1,8 @@
 """The LightningDataModules, one file per task family, on a shared base that owns the tokenizer."""
 
 from lightning_tfm.data.datamodules.base import TextDataModule
-from lightning_tfm.data.datamodules.classification import (
-                                                           ClassificationDataModule,
-                                                           ClassificationDataset,
-                                                           collate_classification,
-)
+from lightning_tfm.data.datamodules.classification import ClassificationDataModule
+from lightning_tfm.data.datamodules.classification_data import ClassificationDataset, collate_classification
 from lightning_tfm.data.datamodules.language_model import (
                                                            LanguageModelDataModule,
                                                            RandomOffsetSampler,

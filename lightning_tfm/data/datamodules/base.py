@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
@@ -174,6 +175,22 @@ class TextDataModule(L.LightningDataModule):
         log.info("trained a %s tokenizer with %d tokens, saved to %s", self.tokenizer_kind,
                  tokenizer.get_vocab_size(), path)
         return tokenizer
+
+    # --- max_len, for the datamodules whose rows have one (data/prepare.py's Preparable) ------------------
+
+    #: what one row of each field is called in messages ("source", "target", "input")
+    row_names: dict[str, str] = {}
+
+    def too_long(self, split: str, field: str, where: str, length: int) -> ValueError:
+        """The error for a row of `length` ids (special tokens included) over `max_len`, at `where`."""
+        return ValueError(f"{where}: {self.row_names.get(field, field)} has {length} tokens with its special "
+                          f"tokens, more than data.max_len={getattr(self, 'max_len', None)}; set data.truncate=true "
+                          "to cut it, or raise data.max_len")
+
+    def truncated(self, split: str, field: str, count: int, total: int, first: str) -> None:
+        """Warn once that `count` of `total` rows were cut to `max_len`, the first at `first`."""
+        rank_zero_warn(f"data.{split}: truncated {count} of {total} {self.row_names.get(field, field)}s to "
+                       f"data.max_len={getattr(self, 'max_len', None)} tokens (first at {first})")
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens (added by each DataModule where it needs them)."""

@@ -1,62 +1,27 @@
 """Text classification data: TSV/CSV/JSONL tables with one text column or a pair of them, BERT-style inputs
-`cls a sep [b sep]` with segment ids (Devlin et al. 2019, §3), labels learned from the training split.
+`cls a sep [b sep]` with segment ids (Devlin et al. 2019, §3), labels learned from the training split, read
+raw or from prepared rows (`data/prepare.py`; the datasets and collate are in `classification_data.py`).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from lightning_tfm.data.batching import pad_batch
 from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
+from lightning_tfm.data.datamodules.classification_data import (
+    ClassificationDataset,
+    PreparedClassificationDataset,
+    collate_classification,
+)
+from lightning_tfm.data.prepare import Example, open_split, recorded_names
 from lightning_tfm.data.readers import BlankLines, Row, read_table
+from lightning_tfm.data.tokenize_workers import FramedIds, Framing, frame_fields
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
-
-
-@dataclass
-class ClassificationDataset(Dataset):
-    """Encoded examples; item i is {"index", "ids", "segments", "label"} with label None when unlabelled.
-
-    Args:
-        ids: token ids per example, special tokens included.
-        segments: segment id (0 first text, 1 second) per token.
-        labels: class index (single-label) or sorted class indices (multi-label) per example; None if absent.
-    """
-
-    ids: list[list[int]]
-    segments: list[list[int]]
-    labels: list[int | list[int]] | None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"index": i, "ids": self.ids[i], "segments": self.segments[i],
-                "label": None if self.labels is None else self.labels[i]}
-
-
-def collate_classification(items: list[dict[str, Any]], pad_id: int, n_classes: int, multi_label: bool,
-                           pairs: bool, pad_to_multiple: int = 8) -> dict[str, Any]:
-    """ids/mask (B, T), segments (B, T) for pairs, labels (B,) int64 or (B, n_classes) float multi-hot."""
-    ids, mask = pad_batch([it["ids"] for it in items], pad_id, pad_to_multiple)
-    batch: dict[str, Any] = {"ids": ids, "mask": mask, "index": torch.tensor([it["index"] for it in items])}
-    if pairs:
-        batch["segments"] = pad_batch([it["segments"] for it in items], 0, pad_to_multiple)[0]
-    if items[0]["label"] is not None:
-        if multi_label:
-            labels = torch.zeros(len(items), n_classes)
-            for row, it in enumerate(items):
-                labels[row, it["label"]] = 1.0
-            batch["labels"] = labels
-        else:
-            batch["labels"] = torch.tensor([it["label"] for it in items])
-    return batch
 
 
 class ClassificationDataModule(TextDataModule):
@@ -103,9 +68,16 @@ class ClassificationDataModule(TextDataModule):
         special_tokens: pad, cls and sep are required; mask is kept for masked-LM pretraining.
         num_workers: DataLoader worker processes.
         seed: seed of the batch order and of the val_fraction split.
+        prepared_dir: read the train, val and test splits (token ids and label indices) from rows prepared in
+            this folder (`lightning_tfm prepare --config CONFIG`, or the first `fit`), memory-mapped, instead of
+            reading and tokenizing the raw tables each run; the label set comes from its manifest too. The raw
+            files stay the source of truth: a change to them, to the tokenizer or to the settings above (columns,
+            labels, val_fraction and seed, max_len, truncate, blank_lines) is refused until the data is prepared
+            again. A predict_path file is always read raw. None reads the raw files.
     """
 
     required_specials = ("pad", "cls", "sep")
+    row_names = {"text": "input", "text_pair": "input"}
 
     def __init__(self, train_path: str = "../shared/data/sst2/train.tsv",
                  val_path: str | None = "../shared/data/sst2/dev.tsv", test_path: str | None = None,
@@ -118,7 +90,7 @@ class ClassificationDataModule(TextDataModule):
                  tokenizer_kind: TokenizerKind = "bpe", tokenizer_vocab_size: int = 8000,
                  special_tokens: SpecialTokens = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>",
                                                                mask="<mask>"),
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, prepared_dir: str | None = None) -> None:
         super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
                          num_workers, seed)
         if not 0.0 <= val_fraction < 1.0:
@@ -135,17 +107,22 @@ class ClassificationDataModule(TextDataModule):
         self.val_fraction, self.max_len, self.truncate = val_fraction, max_len, truncate
         self.blank_lines = blank_lines
         self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.prepared_dir = prepared_dir
         self._rows: dict[str, list[Row]] = {}
         if label_names is not None and len(set(label_names)) != len(label_names):
             raise ValueError(f"data.label_names={label_names} repeats a label")
-        self._label_names: list[str] | None = list(label_names) if label_names is not None else None
+        self._given_labels = list(label_names) if label_names is not None else None
+        self._label_names: list[str] | None = self._given_labels
         self._label_index: dict[str, int] | None = None
 
     @property
     def label_names(self) -> list[str]:
-        """`label_names` as given, or the sorted distinct labels of the training split; class i is label_names[i]."""
+        """`label_names` as given, else the sorted distinct labels of the training split (as the manifest of
+        up-to-date prepared data recorded them, or read now); class i is label_names[i]."""
         if self._label_names is None:
-            self._label_names = sorted({name for row in self._split_rows("train") for name in self._labels(row)})
+            recorded = recorded_names(self, "labels") if self.prepared_dir is not None else None
+            self._label_names = recorded if recorded is not None else sorted(
+                {name for row in self._split_rows("train") for name in self._labels(row)})
         return self._label_names
 
     @property
@@ -179,31 +156,20 @@ class ClassificationDataModule(TextDataModule):
             return (self.predict_path or self.test_path) is not None
         return getattr(self, f"{split}_path") is not None
 
-    def build_dataset(self, split: str) -> ClassificationDataset:
+    def build_dataset(self, split: str) -> ClassificationDataset | PreparedClassificationDataset:
         if not self.has_split(split):
             raise ValueError(f"data.{split}_path is not set" + (" (nor data.test_path)" if split == "predict" else ""))
+        if self.prepared_dir is not None and (split != "predict" or self.predict_path is None):
+            return PreparedClassificationDataset(open_split(self, "test" if split == "predict" else split),
+                                                 self.multi_label)
         rows = self._split_rows(split)
-        first = self.encode([r[self.text_column] for r in rows])
-        second = self.encode([r[self.text_pair_column] for r in rows]) if self.text_pair_column else None
-        ids, segments, cut = [], [], []
-        specials = self.special_ids
-        for i, row in enumerate(rows):
-            a, b = first[i], second[i] if second is not None else None
-            room = self.max_len - (2 if b is None else 3)
-            if len(a) + len(b or []) > room:
-                if not self.truncate:
-                    raise ValueError(f"{row.where}: {len(a) + len(b or []) + self.max_len - room} tokens with the "
-                                     f"special tokens, more than data.max_len={self.max_len}; set "
-                                     "data.truncate=true to cut it, or raise data.max_len")
-                cut.append(row)
-                a, b = _truncate_pair(a, b, room)
-            ids.append([specials.cls, *a, specials.sep] + ([] if b is None else [*b, specials.sep]))
-            segments.append([0] * (len(a) + 2) + ([] if b is None else [1] * (len(b) + 1)))
-        if cut:
-            rank_zero_warn(f"data.{split}: truncated {len(cut)} of {len(rows)} inputs to data.max_len="
-                           f"{self.max_len} tokens (first at {cut[0].where})")
-        labeled = all(self.label_column in row.values for row in rows)
-        labels = [self._label_indices(row) for row in rows] if labeled else None
+        fields = list(zip(*(framed.rows() for framed in self._framed(split, rows))))    # per example, per field
+        ids = [[i for part in parts for i in part] for parts in fields]
+        segments = [[k for k, part in enumerate(parts) for _ in part] for parts in fields]
+        labels = None
+        if all(self.label_column in row.values for row in rows):
+            labels = [self._label_indices(row) for row in rows]
+            labels = labels if self.multi_label else [found[0] for found in labels]
         return ClassificationDataset(ids, segments, labels)
 
     def train_dataloader(self) -> DataLoader:
@@ -219,7 +185,57 @@ class ClassificationDataModule(TextDataModule):
         """Batches in input order (no length sorting), so predictions come out in the order of the file."""
         return self._loader("predict", shuffle=False, pool_size=1)
 
+    # --- prepared rows (data/prepare.py's Preparable): "text" and "text_pair" ids, "labels" indices ----------
+
+    def prepared_splits(self) -> list[str]:
+        return [split for split in ("train", "val", "test") if self.has_split(split)]
+
+    def prepared_fields(self) -> tuple[str, ...]:
+        return ("text", "text_pair") if self.text_pair_column else ("text",)
+
+    def prepared_values(self) -> dict[str, list[str] | None]:
+        return {"labels": self.label_names}
+
+    def prepared_settings(self) -> dict[str, Any]:
+        carve = self.val_fraction if self.val_path is None else 0.0
+        return {"text_column": self.text_column, "text_pair_column": self.text_pair_column,
+                "label_column": self.label_column, "label_delimiter": self.label_delimiter,
+                "label_names": self._given_labels, "val_fraction": carve, "seed": self.seed if carve else None,
+                "max_len": self.max_len, "truncate": self.truncate, "blank_lines": self.blank_lines,
+                "special_tokens": self.special_tokens.tokens()}
+
+    def source_files(self, split: str) -> list[str]:
+        key = "train" if split == "val" and self.val_path is None else split
+        return [str(check_file(f"{key}_path", getattr(self, f"{key}_path")))]
+
+    def raw_examples(self, split: str) -> Iterator[Example]:
+        """The split's rows as the raw path reads them (a val_fraction split carved alike), with label indices."""
+        columns = self._columns(labeled=False)
+        for row in self._split_rows(split):
+            yield Example(tuple(row[c] for c in columns), row.line, (self._label_indices(row),))
+
+    def keeps_text(self, split: str) -> bool:
+        return False          # evaluation scores labels and predictions name them: no raw text is shown
+
+    def framing(self, split: str, field: str) -> Framing:
+        """`cls a sep`, and `b sep` for a pair, the two sharing max_len (the longer text losing tokens first)."""
+        special = self.special_ids
+        prefix = (special.cls,) if field == "text" else ()
+        return Framing(prefix, (special.sep,), self.max_len, self.truncate, joint=self.text_pair_column is not None)
+
     # --- internals ---------------------------------------------------------------------------------------
+
+    def _framed(self, split: str, rows: list[Row]) -> list[FramedIds]:
+        """The rows' texts encoded and framed as `prepare`'s workers do them, refused or warned about alike."""
+        fields, columns = self.prepared_fields(), self._columns(labeled=False)
+        framed = frame_fields([self.encode([row[c] for row in rows]) for c in columns],
+                              [self.framing(split, field) for field in fields], "int64")
+        if framed[0].too_long is not None:
+            position, length = framed[0].too_long
+            raise self.too_long(split, fields[0], rows[position].where, length)
+        if framed[0].cut:
+            self.truncated(split, fields[0], len(framed[0].cut), len(rows), rows[framed[0].cut[0]].where)
+        return framed
 
     def _columns(self, labeled: bool = True) -> list[str]:
         texts = [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
@@ -258,7 +274,8 @@ class ClassificationDataModule(TextDataModule):
             raise ValueError(f"{row.where}: the label column {self.label_column!r} is empty")
         return [cell]
 
-    def _label_indices(self, row: Row) -> int | list[int]:
+    def _label_indices(self, row: Row) -> list[int]:
+        """The sorted class indices of a row's labels (one for single-label data)."""
         if self._label_index is None:
             self._label_index = {name: i for i, name in enumerate(self.label_names)}
         index = self._label_index
@@ -266,22 +283,12 @@ class ClassificationDataModule(TextDataModule):
         if unknown:
             raise ValueError(f"{row.where}: label {unknown[0]!r} is not one of the known labels {self.label_names} "
                              f"(data.label_names, or those of the training split {self.train_path})")
-        found = sorted(index[name] for name in self._labels(row))
-        return found if self.multi_label else found[0]
+        return sorted(index[name] for name in self._labels(row))
 
     def _loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
         dataset = self.dataset(split)
         collate = functools.partial(collate_classification, pad_id=self.pad_id, n_classes=self.n_classes,
                                     multi_label=self.multi_label, pairs=self.text_pair_column is not None)
-        return self.bucketed_loader(dataset, [len(x) for x in dataset.ids], collate, self.max_tokens,
-                                    self.batch_size, shuffle, pool_size)
+        return self.bucketed_loader(dataset, dataset.lengths(), collate, self.max_tokens, self.batch_size, shuffle,
+                                    pool_size)
 
-
-def _truncate_pair(a: list[int], b: list[int] | None, room: int) -> tuple[list[int], list[int] | None]:
-    """Drop tokens from the end of the longer text until both fit in `room` (BERT's `_truncate_seq_pair`)."""
-    if b is None:
-        return a[:room], None
-    a, b = list(a), list(b)
-    while len(a) + len(b) > room:
-        (a if len(a) > len(b) else b).pop()
-    return a, b

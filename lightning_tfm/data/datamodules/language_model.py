@@ -167,8 +167,7 @@ class LanguageModelDataModule(TextDataModule):
         if split == "predict":
             return self._prompts()
         if self.prepared_dir is not None:
-            tokens, _ = open_split(self, split)
-            return self._blocks(split, tokens["ids"].values)
+            return self._blocks(split, open_split(self, split).tokens["ids"].values)
         tokens = torch.tensor(self.tokenizer.encode(self._split_text(split), add_special_tokens=False).ids,
                               dtype=torch.long)                                         # (N,)
         return self._blocks(split, tokens)
@@ -186,6 +185,9 @@ class LanguageModelDataModule(TextDataModule):
 
     def prepared_fields(self) -> tuple[str, ...]:
         return ("ids",)
+
+    def prepared_values(self) -> dict[str, list[str] | None]:
+        return {}
 
     def prepared_settings(self) -> dict[str, Any]:
         return {"val_fraction": self.val_fraction if self.val_path is None else None,
@@ -215,12 +217,6 @@ class LanguageModelDataModule(TextDataModule):
 
     def framing(self, split: str, field: str) -> Framing:
         return Framing()        # a stream: no special tokens, no length limit
-
-    def too_long(self, split: str, field: str, where: str, length: int) -> ValueError:
-        raise AssertionError("a stream has no max_len")
-
-    def truncated(self, split: str, field: str, count: int, total: int, first: str) -> None:
-        raise AssertionError("a stream has no max_len")
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")

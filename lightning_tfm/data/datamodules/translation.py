@@ -13,19 +13,15 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import pad_batch
 from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
-from lightning_tfm.data.prepare import Example, open_split
+from lightning_tfm.data.prepare import Example, PreparedSplit, open_split
 from lightning_tfm.data.readers import BlankLines, is_table, read_lines, read_pairs, read_table
-from lightning_tfm.data.shards import Rows
 from lightning_tfm.data.streams import iter_pairs
 from lightning_tfm.data.tokenize_workers import Framing, frame
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
-
-_SIDES = {"src": "source", "tgt": "target"}
 
 
 @dataclass
@@ -62,8 +58,8 @@ class PreparedTranslationDataset(Dataset):
     """Pairs read from prepared rows (`lightning_tfm prepare`): the items of `TranslationDataset`, with the raw
     strings where the split kept them (val and test) and empty strings for the training split."""
 
-    def __init__(self, tokens: dict[str, Rows], texts: dict[str, Rows]) -> None:
-        self.src, self.tgt, self.texts = tokens["src"], tokens["tgt"], texts
+    def __init__(self, split: PreparedSplit) -> None:
+        self.src, self.tgt, self.texts = split.tokens["src"], split.tokens["tgt"], split.texts
 
     def __len__(self) -> int:
         return len(self.src)
@@ -137,6 +133,7 @@ class TranslationDataModule(TextDataModule):
     """
 
     required_specials = ("pad", "bos", "eos")
+    row_names = {"src": "source", "tgt": "target"}
 
     def __init__(self, train_path: str = "../shared/data/multi30k/train",
                  val_path: str | None = "../shared/data/multi30k/val",
@@ -186,7 +183,7 @@ class TranslationDataModule(TextDataModule):
         if not self.has_split(split):
             raise ValueError(f"data.{split}_path is not set" + (" (nor data.test_path)" if split == "predict" else ""))
         if self.prepared_dir is not None and (split != "predict" or self.predict_path is None):
-            return PreparedTranslationDataset(*open_split(self, "test" if split == "predict" else split))
+            return PreparedTranslationDataset(open_split(self, "test" if split == "predict" else split))
         texts = self._read(split)
         src = self._fit(split, "src", self.encode(texts.sources), texts.src_file, texts.lines)
         tgt = None
@@ -201,6 +198,9 @@ class TranslationDataModule(TextDataModule):
 
     def prepared_fields(self) -> tuple[str, ...]:
         return ("src", "tgt")
+
+    def prepared_values(self) -> dict[str, list[str] | None]:
+        return {}
 
     def prepared_settings(self) -> dict[str, Any]:
         return {"src_lang": self.src_lang, "tgt_lang": self.tgt_lang, "max_len": self.max_len,
@@ -228,14 +228,6 @@ class TranslationDataModule(TextDataModule):
         special = self.special_ids
         prefix = (special.bos,) if field == "tgt" else ()
         return Framing(prefix, (special.eos,), self.max_len, self.truncate)
-
-    def too_long(self, split: str, field: str, where: str, length: int) -> ValueError:
-        return ValueError(f"{where}: {_SIDES[field]} has {length} tokens with its special tokens, more than "
-                          f"data.max_len={self.max_len}; set data.truncate=true to cut it, or raise data.max_len")
-
-    def truncated(self, split: str, field: str, count: int, total: int, first: str) -> None:
-        rank_zero_warn(f"data.{split}: truncated {count} of {total} {_SIDES[field]}s to data.max_len="
-                       f"{self.max_len} tokens (first at {first})")
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable(self._loader("train", shuffle=True))
@@ -286,8 +278,7 @@ class TranslationDataModule(TextDataModule):
             raise self.too_long(split, field, f"{file}:{lines[framed.too_long[0]]}", framed.too_long[1])
         if framed.cut:
             self.truncated(split, field, len(framed.cut), len(seqs), f"{file}:{lines[framed.cut[0]]}")
-        ends = np.cumsum(framed.lengths)
-        return [framed.flat[end - n:end].tolist() for end, n in zip(ends, framed.lengths)]
+        return framed.rows()
 
     def _loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
         dataset = self.dataset(split)

@@ -60,8 +60,8 @@ def test_too_long_raises_naming_file_and_line(sst2):
     short = make(sst2.train_path, sst2.tokenizer_dir, max_len=6, truncate=False)
     lengths = [len(short.tokenizer.encode(s, add_special_tokens=False).ids) for s, _ in reference_rows(sst2.train_path)]
     first = next(i for i, n in enumerate(lengths) if n + 2 > 6)
-    with pytest.raises(ValueError, match=rf"train\.tsv:{first + 2}: {lengths[first] + 2} tokens with the special "
-                                         r"tokens, more than data\.max_len=6; set data\.truncate=true"):
+    with pytest.raises(ValueError, match=rf"train\.tsv:{first + 2}: input has {lengths[first] + 2} tokens with its "
+                                         r"special tokens, more than data\.max_len=6; set data\.truncate=true"):
         short.setup("fit")
 
 
