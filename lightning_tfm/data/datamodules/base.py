@@ -234,12 +234,14 @@ class TextDataModule(L.LightningDataModule):
         """Called by Lightning when fit resumes from a checkpoint, before the training loader is built.
 
         Raises:
-            ValueError: the checkpoint is mid-epoch and was written by another number of processes, whose
-                batches were cut differently: resuming would skip or repeat examples.
+            ValueError: fit resumes a mid-epoch checkpoint written by another number of processes, whose batches
+                were cut differently: resuming would skip or repeat examples (validate, test and predict only
+                read its weights, on any number).
         """
         self._resume = (state["epoch"], state["batches_done"]) if state else None
         saved, now = state.get("world_size"), self.world()[0]
-        if self._resume is not None and self._resume[1] > 0 and saved is not None and saved != now:
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING   # not validate/predict
+        if fitting and self._resume is not None and self._resume[1] > 0 and saved is not None and saved != now:
             raise ValueError(f"the checkpoint stopped {self._resume[1]} batches into epoch {self._resume[0]} of a "
                              f"run with {saved} processes, and this run has {now}: the epoch's batches are split "
                              f"across processes differently, so resuming there would skip or repeat examples; "

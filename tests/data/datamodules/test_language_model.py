@@ -2,6 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_tfm.data import LanguageModelDataModule
 
@@ -104,10 +105,12 @@ def test_errors(lm, tmp_path):
 
 def test_resuming_mid_epoch_with_another_number_of_processes_is_refused(shakespeare_small, tmp_path):
     dm = LanguageModelDataModule(train_path=str(shakespeare_small), tokenizer_dir=str(tmp_path))
-    dm.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, state=SimpleNamespace(fn=TrainerFn.FITTING))
     with pytest.raises(ValueError, match=r"stopped 5 batches into epoch 1 of a run with 2 processes, and this run "
                                          r"has 1: .* resume on 2 devices, or from a checkpoint written at the end"):
         dm.load_state_dict({"epoch": 1, "batches_done": 5, "world_size": 2})
     dm.load_state_dict({"epoch": 2, "batches_done": 0, "world_size": 2})     # an epoch's start: nothing to skip
     dm.load_state_dict({"epoch": 1, "batches_done": 5})                      # checkpoints from before the record
     dm.load_state_dict({"epoch": 1, "batches_done": 5, "world_size": 1})
+    dm.trainer.state.fn = TrainerFn.VALIDATING                               # validate only reads the weights
+    dm.load_state_dict({"epoch": 1, "batches_done": 5, "world_size": 2})
