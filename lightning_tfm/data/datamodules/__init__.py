@@ -10,10 +10,11 @@ from lightning_tfm.data.datamodules.language_model import (
                                                            collate_blocks,
                                                            collate_prompts,
 )
-from lightning_tfm.data.datamodules.masked_lm import (
-                                                           MaskedLMDataModule,
+from lightning_tfm.data.datamodules.masked_lm import MaskedLMDataModule
+from lightning_tfm.data.datamodules.masked_lm_data import (
                                                            MaskedLMDataset,
                                                            MaskSeedBatchSampler,
+                                                           PreparedMaskedLMDataset,
                                                            collate_fill_mask,
                                                            collate_masked_lm,
                                                            encode_with_masks,
@@ -22,7 +23,7 @@ from lightning_tfm.data.datamodules.translation import TranslationDataModule, Tr
 
 __all__ = [
     "ClassificationDataModule", "ClassificationDataset", "LanguageModelDataModule", "MaskSeedBatchSampler",
-    "MaskedLMDataModule", "MaskedLMDataset", "RandomOffsetSampler", "TextDataModule", "TokenBlocks",
-    "TranslationDataModule", "TranslationDataset", "collate_blocks", "collate_classification", "collate_fill_mask",
-    "collate_masked_lm", "collate_prompts", "collate_translation", "encode_with_masks",
+    "MaskedLMDataModule", "MaskedLMDataset", "PreparedMaskedLMDataset", "RandomOffsetSampler", "TextDataModule",
+    "TokenBlocks", "TranslationDataModule", "TranslationDataset", "collate_blocks", "collate_classification",
+    "collate_fill_mask", "collate_masked_lm", "collate_prompts", "collate_translation", "encode_with_masks",
 ]

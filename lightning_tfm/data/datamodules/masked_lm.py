@@ -1,6 +1,7 @@
 """Masked-LM pretraining data (BERT, Devlin et al. 2019, §3.1): unlabeled texts, one example per line of a
-plain text file or per row of one column of a TSV/CSV/JSONL table, each encoded as `cls tokens sep`, and
-BERT's 15% / 80-10-10 corruption (`data.masking.mask_tokens`) applied when a batch is collated.
+plain text file or per row of one column of a TSV/CSV/JSONL table, each encoded as `cls tokens sep`, read raw or
+from prepared rows (`data/prepare.py`), and BERT's 15% / 80-10-10 corruption (`data.masking.mask_tokens`) applied
+when a batch is collated (the datasets, the sampler and the collate are in `masked_lm_data.py`).
 
 Masks are drawn from a generator seeded with (seed, split, epoch, batch number): training sees new masks
 every epoch, validation and test see the same masks every time, so their loss is comparable across epochs.
@@ -8,118 +9,29 @@ every epoch, validation and test see the same masks every time, so their loss is
 
 from __future__ import annotations
 
-import collections
 import functools
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
+import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from lightning_tfm.data.batching import BucketBatchSampler, derive_seed, pad_batch
 from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
-from lightning_tfm.data.masking import mask_tokens
+from lightning_tfm.data.datamodules.masked_lm_data import (
+    MaskedLMDataset,
+    MaskSeedBatchSampler,
+    PreparedMaskedLMDataset,
+    collate_fill_mask,
+    collate_masked_lm,
+    encode_with_masks,
+)
+from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import Row, is_table, read_lines, read_table
+from lightning_tfm.data.streams import iter_lines
+from lightning_tfm.data.tokenize_workers import Framing, frame_fields
 from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
 
 _STREAMS = {"train": 0, "val": 1, "test": 2}  # one mask stream per split, so no two splits share masks
-
-
-@dataclass
-class MaskedLMDataset(Dataset):
-    """Encoded texts. `dataset[i]` is {"index", "ids", "text", "mask_seed": None}; `dataset[(mask_seed, i)]`,
-    what `MaskSeedBatchSampler` asks for, carries that seed instead.
-
-    Args:
-        ids: token ids per example, `cls ... sep` included.
-        texts: the raw text of each example (kept for prediction), or None.
-    """
-
-    ids: list[list[int]]
-    texts: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        mask_seed, i = key if isinstance(key, tuple) else (None, key)
-        return {"index": i, "ids": self.ids[i], "text": None if self.texts is None else self.texts[i],
-                "mask_seed": mask_seed}
-
-
-class MaskSeedBatchSampler(Sampler[list[tuple[int, int]]]):
-    """A `BucketBatchSampler` whose batches carry the seed of their masks: batch k of this rank becomes
-    `[(mask_seed, i), ...]` with `mask_seed = derive_seed(seed, stream, epoch, rank + k * num_replicas)`, the
-    batch's number in the global list, so DDP ranks never share a mask stream.
-
-    The seed travels with the indices because the collate function runs in the DataLoader's worker processes,
-    which never see `set_epoch` (persistent workers keep the copy of the sampler they started with). Lightning
-    calls `set_epoch` on `self.sampler` before training and evaluation epochs alike; with `per_epoch=False` the
-    epoch is ignored, so every evaluation masks the same positions the same way.
-
-    Args:
-        batches: the bucketed batch sampler to wrap.
-        seed: base seed.
-        stream: a number per split, so that train and validation batch k are masked differently.
-        per_epoch: new masks every epoch (training), or the same masks every time (evaluation).
-    """
-
-    def __init__(self, batches: BucketBatchSampler, seed: int, stream: int, per_epoch: bool) -> None:
-        self.batches, self.seed, self.stream, self.per_epoch = batches, seed, stream, per_epoch
-        self.sampler = batches.sampler  # where Lightning calls set_epoch; it forwards to `batches`
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch = self.batches.epoch if self.per_epoch else 0
-        first, step = self.batches.rank, self.batches.num_replicas
-        for k, batch in enumerate(self.batches):
-            mask_seed = derive_seed(self.seed, self.stream, epoch, first + k * step)
-            yield [(mask_seed, i) for i in batch]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def collate_masked_lm(items: list[dict[str, Any]], pad_id: int, mask_id: int, special_ids: Sequence[int],
-                      vocab_size: int, mask_prob: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1,
-                      pad_to_multiple: int = 8) -> dict[str, Any]:
-    """Pad, then corrupt with `mask_tokens` using a generator seeded by the items' "mask_seed" (torch's global
-    RNG when it is None).
-
-    Returns:
-        "ids" (B, T) int64, the corrupted inputs; "mask" (B, T) bool, True at real tokens; "labels" (B, T)
-        int64, the original id at chosen positions and -100 elsewhere; "index" (B,) int64, positions in the split.
-    """
-    ids, mask = pad_batch([it["ids"] for it in items], pad_id, pad_to_multiple)
-    seed = items[0]["mask_seed"]
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    inputs, labels = mask_tokens(ids, special_ids, mask_id, vocab_size, generator, mask_prob, replace_prob,
-                                 random_prob)
-    return {"ids": inputs, "mask": mask, "labels": labels, "index": torch.tensor([it["index"] for it in items])}
-
-
-def collate_fill_mask(items: list[dict[str, Any]], pad_id: int, pad_to_multiple: int = 8) -> dict[str, Any]:
-    """Predict batches: "ids"/"mask" (B, T) with the user's mask tokens in place, "index" (B,), "texts"."""
-    ids, mask = pad_batch([it["ids"] for it in items], pad_id, pad_to_multiple)
-    return {"ids": ids, "mask": mask, "index": torch.tensor([it["index"] for it in items]),
-            "texts": [it["text"] for it in items]}
-
-
-def encode_with_masks(tokenizer: Tokenizer, text: str, mask_id: int) -> list[int]:
-    """Token ids of a text in which the mask token stands for one token each time it occurs.
-
-    Subword tokenizers attach a word's space to the word ("▁film", "Ġfilm"), so a masked word in training
-    takes its space with it: "a good film" becomes `▁a <mask> ▁film`. The spaces a person types around a mask
-    ("a <mask> film") would become tokens of their own, which training never shows next to a mask; they are
-    dropped, unless the tokenizer has a token for " " itself (character-level), where they are real tokens.
-    """
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    if tokenizer.token_to_id(" ") is not None:
-        return ids
-    spaces = {i for i in set(ids) if i != mask_id and not tokenizer.decode([i], skip_special_tokens=False).strip()}
-    return [t for k, t in enumerate(ids)
-            if t not in spaces or mask_id not in ids[max(k - 1, 0): k] + ids[k + 1: k + 2]]
 
 
 class MaskedLMDataModule(TextDataModule):
@@ -161,9 +73,15 @@ class MaskedLMDataModule(TextDataModule):
             a pretrained tokenizer serves fine-tuning as is.
         num_workers: DataLoader worker processes.
         seed: seed of the batch order, the masks and the val_fraction split.
+        prepared_dir: read the train, val and test ids from rows prepared in this folder (`lightning_tfm prepare
+            --config CONFIG`, or the first `fit`), memory-mapped, so a corpus larger than memory trains with flat
+            memory; a plain text file is streamed while it is prepared. A change to the raw files, the tokenizer or
+            the settings (text_column, val_fraction and seed, max_len) is refused until the data is prepared
+            again. A predict_path file is always read raw. None reads and tokenizes the raw files.
     """
 
     required_specials = ("pad", "cls", "sep", "mask")
+    row_names = {"text": "text"}
 
     def __init__(self, train_path: str = "../shared/data/sst2/train.tsv",
                  val_path: str | None = "../shared/data/sst2/dev.tsv", test_path: str | None = None,
@@ -175,7 +93,7 @@ class MaskedLMDataModule(TextDataModule):
                  tokenizer_kind: TokenizerKind = "bpe", tokenizer_vocab_size: int = 8000,
                  special_tokens: SpecialTokens = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>",
                                                                mask="<mask>"),
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, prepared_dir: str | None = None) -> None:
         super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
                          num_workers, seed)
         if not 0.0 <= val_fraction < 1.0:
@@ -195,6 +113,7 @@ class MaskedLMDataModule(TextDataModule):
         self.max_len, self.max_tokens, self.batch_size = max_len, max_tokens, batch_size
         self.mask_prob, self.replace_prob, self.random_prob = mask_prob, replace_prob, random_prob
         self.never_mask_most_frequent = never_mask_most_frequent
+        self.prepared_dir = prepared_dir
         self._rows: dict[str, list[Row]] = {}
 
     @property
@@ -208,9 +127,11 @@ class MaskedLMDataModule(TextDataModule):
         specials = self.special_ids.all()
         if not self.never_mask_most_frequent:
             return specials
-        counts = collections.Counter(t for ids in self.dataset("train").ids for t in ids if t not in specials)
-        ranked = sorted(counts, key=lambda t: (-counts[t], t))
-        return specials + ranked[: self.never_mask_most_frequent]
+        counts = self.dataset("train").token_counts(self.vocab_size)
+        counts[specials] = 0
+        ranked = np.lexsort((np.arange(len(counts)), -counts))          # by count, then by id
+        ranked = ranked[counts[ranked] > 0]
+        return specials + ranked[: self.never_mask_most_frequent].tolist()
 
     def training_files(self) -> list[str]:
         return [self.train_path]
@@ -229,23 +150,19 @@ class MaskedLMDataModule(TextDataModule):
             return self.val_path is not None or self.val_fraction > 0
         return getattr(self, f"{split}_path") is not None
 
-    def build_dataset(self, split: str) -> MaskedLMDataset:
+    def build_dataset(self, split: str) -> MaskedLMDataset | PreparedMaskedLMDataset:
         if not self.has_split(split):
             raise ValueError(f"data.{split}_path is not set")
+        if self.prepared_dir is not None and split != "predict":
+            return PreparedMaskedLMDataset(open_split(self, split))
         rows = self._split_rows(split)
         texts = [row[self.text_column] for row in rows]
         if split == "predict":
             return self._fill_mask_dataset(rows, texts)
-        ids, cut = [], []
-        cls, sep = self.special_ids.cls, self.special_ids.sep
-        for row, tokens in zip(rows, self.encode(texts)):
-            if len(tokens) > self.max_len - 2:
-                cut.append(row)
-            ids.append([cls, *tokens[: self.max_len - 2], sep])
-        if cut:
-            rank_zero_warn(f"data.{split}: truncated {len(cut)} of {len(rows)} texts to data.max_len={self.max_len} "
-                           f"tokens (first at {cut[0].where})")
-        return MaskedLMDataset(ids, texts)
+        framed = frame_fields([self.encode(texts)], [self.framing(split, "text")], "int64")[0]
+        if framed.cut:
+            self.truncated(split, "text", len(framed.cut), len(rows), rows[framed.cut[0]].where)
+        return MaskedLMDataset(framed.rows(), texts)
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable(self._loader("train", shuffle=True))
@@ -260,8 +177,52 @@ class MaskedLMDataModule(TextDataModule):
         """Batches in input order (no length sorting), so predictions come out in the order of the file."""
         dataset = self.dataset("predict")
         collate = functools.partial(collate_fill_mask, pad_id=self.pad_id)
-        return self.bucketed_loader(dataset, [len(x) for x in dataset.ids], collate, self.max_tokens,
-                                    self.batch_size, shuffle=False, pool_size=1)
+        return self.bucketed_loader(dataset, dataset.lengths(), collate, self.max_tokens, self.batch_size,
+                                    shuffle=False, pool_size=1)
+
+    # --- prepared rows (data/prepare.py's Preparable): one "text" field, `cls tokens sep` ------------------
+
+    def prepared_splits(self) -> list[str]:
+        return [split for split in ("train", "val", "test") if self.has_split(split)]
+
+    def prepared_fields(self) -> tuple[str, ...]:
+        return ("text",)
+
+    def prepared_values(self) -> dict[str, list[str] | None]:
+        return {}
+
+    def prepared_settings(self) -> dict[str, Any]:
+        carve = self.val_fraction if self.val_path is None else 0.0
+        return {"text_column": self.text_column, "val_fraction": carve, "seed": self.seed if carve else None,
+                "max_len": self.max_len, "special_tokens": self.special_tokens.tokens()}
+
+    def source_files(self, split: str) -> list[str]:
+        key = "train" if split == "val" and self.val_path is None else split
+        return [str(check_file(f"{key}_path", getattr(self, f"{key}_path")))]
+
+    def raw_examples(self, split: str) -> Iterator[Example]:
+        """The split's texts as the raw path reads them; a plain text file (not carved by val_fraction) is
+        streamed line by line, so preparing it holds no more than a chunk."""
+        carved = split in ("train", "val") and self.val_path is None and self.val_fraction > 0
+        path = getattr(self, f"{split}_path")
+        if carved or split in self._rows or is_table(path):
+            for row in self._split_rows(split):
+                yield Example((row[self.text_column],), row.line)
+            return
+        kept = 0
+        for line, text in enumerate(iter_lines(check_file(f"{split}_path", path)), 1):
+            if text.strip():
+                kept += 1
+                yield Example((text.strip(),), line)
+        if not kept:
+            raise ValueError(f"data.{split}_path={path} holds no text")
+
+    def keeps_text(self, split: str) -> bool:
+        return False          # the masks are drawn on ids; only predict shows texts, and it is read raw
+
+    def framing(self, split: str, field: str) -> Framing:
+        """`cls tokens sep`, cut to max_len with a warning (masked-LM pretraining loses only the tail)."""
+        return Framing((self.special_ids.cls,), (self.special_ids.sep,), self.max_len, truncate=True)
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -314,8 +275,7 @@ class MaskedLMDataModule(TextDataModule):
                                     special_ids=self.never_masked(), vocab_size=self.vocab_size,
                                     mask_prob=self.mask_prob, replace_prob=self.replace_prob,
                                     random_prob=self.random_prob)
-        loader = self.bucketed_loader(dataset, [len(x) for x in dataset.ids], collate, self.max_tokens,
-                                      self.batch_size, shuffle)
+        loader = self.bucketed_loader(dataset, dataset.lengths(), collate, self.max_tokens, self.batch_size, shuffle)
         # the same bucketed batches, each index paired with its batch's mask seed (see MaskSeedBatchSampler)
         batches = MaskSeedBatchSampler(loader.batch_sampler, self.seed, _STREAMS[split], per_epoch=shuffle)
         return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=loader.num_workers,

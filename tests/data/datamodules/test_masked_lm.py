@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_tfm.data import MaskedLMDataModule, SpecialTokens, train_tokenizer
-from lightning_tfm.data.datamodules.masked_lm import encode_with_masks
+from lightning_tfm.data.datamodules.masked_lm_data import encode_with_masks
 
 IGNORE = -100
 
