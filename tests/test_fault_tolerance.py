@@ -1,9 +1,9 @@
-"""Runs that crash and resume: a real SIGKILL mid-epoch, `fit --ckpt_path last`, and the resumed run must train
-on exactly the batches the uninterrupted run did (none twice, none skipped) and end with bitwise the same
-weights (same seed, one CPU thread: the same operations in the same order). Also: a NaN loss stops training
-with a message naming the step and leaves the last good checkpoint as the newest one. A damaged or unsafe
-checkpoint is refused while the arguments are parsed, before any Trainer, so those run in this process
-(`in_process`, tests/conftest.py)."""
+"""Runs that crash and resume: a real SIGKILL mid-epoch, at an epoch's first and last batch and in the middle
+of a checkpoint write, then `fit --ckpt_path last`, and the resumed run must train on exactly the batches the
+uninterrupted run did (none twice, none skipped) and end with bitwise the same weights (same seed, one CPU
+thread: the same operations in the same order). Also: a NaN loss stops training with a message naming the step
+and leaves the last good checkpoint as the newest one. A damaged or unsafe checkpoint is refused while the
+arguments are parsed, before any Trainer, so those run in this process (`in_process`, tests/conftest.py)."""
 
 import signal
 from pathlib import Path
@@ -45,23 +45,43 @@ def batches(run: Path) -> list[str]:
     return (run / "batches.rank0.txt").read_text().splitlines()
 
 
-def test_sigkill_mid_epoch_then_resume_trains_the_same_batches_to_the_same_weights(data, tmp_path):
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    lightning_tfm("fit", "--config", lm_config(tmp_path, straight, data))
-    kill = {"class_path": "probes.SigkillAtStep", "init_args": {"step": 17}}
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> Path:
+    """The uninterrupted run: 20 steps, 2 epochs of 10 batches, last.ckpt every 5 steps."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    lightning_tfm("fit", "--config", lm_config(run.parent, run, data))
+    return run
+
+
+# (probe, its step, the step of the last checkpoint it leaves): ModelCheckpoint runs after the other callbacks,
+# so a kill at step 10 comes before the checkpoint of step 10 would be written
+CRASHES = {
+    "mid-epoch": ("SigkillAtStep", 17, 15),
+    "first batch of an epoch, resumed from its last": ("SigkillAtStep", 11, 10),
+    "last batch of an epoch, during the checkpoint write": ("SigkillDuringCheckpointWrite", 10, 5),
+}
+
+
+@pytest.mark.parametrize("crash", CRASHES, ids=list(CRASHES))
+def test_sigkill_then_resume_trains_the_same_batches_to_the_same_weights(straight, crash, data, tmp_path):
+    probe, step, saved = CRASHES[crash]
+    crashed = tmp_path / "crashed"
+    kill = {"class_path": f"probes.{probe}", "init_args": {"step": step}}
     proc = lightning_tfm("fit", "--config", lm_config(tmp_path, crashed, data, kill), ok=False)
     assert proc.returncode == -signal.SIGKILL
-    assert load_checkpoint(crashed / "checkpoints/last.ckpt")["global_step"] == 15   # epoch 1, batch 5 of 10
+    assert load_checkpoint(crashed / "checkpoints/last.ckpt")["global_step"] == saved
+    if probe == "SigkillDuringCheckpointWrite":                 # the half-written file is beside, not over it
+        assert [p.name for p in (crashed / "checkpoints").iterdir() if p.suffix == ".tmp"] != []
     before_crash = batches(crashed)
-    assert len(before_crash) == 17
+    assert len(before_crash) == step
 
     # the resumed run builds its training loader before the checkpoint's data state is restored (#20550)
     early = {"class_path": "probes.ReadStepsAtSetup"}
     lightning_tfm("fit", "--config", lm_config(tmp_path, crashed, data, early), "--ckpt_path", "last")
-    after_resume = batches(crashed)[17:]
-    assert [line.split()[0] for line in after_resume] == ["15", "16", "17", "18", "19"]
-    assert before_crash[15:] == after_resume[:2]                 # batches 15 and 16 are trained again, as they
-    assert before_crash[:15] + after_resume == batches(straight)  # were lost with the process
+    after_resume = batches(crashed)[step:]
+    assert [int(line.split()[0]) for line in after_resume] == list(range(saved, 20))
+    assert before_crash[saved:] == after_resume[:step - saved]  # the batches lost with the process are trained
+    assert before_crash[:saved] + after_resume == batches(straight)     # again, and no other
     ours = load_checkpoint(crashed / "checkpoints/last.ckpt")
     theirs = load_checkpoint(straight / "checkpoints/last.ckpt")
     assert ours["global_step"] == theirs["global_step"] == 20

@@ -222,6 +222,7 @@ class TaskModule(L.LightningModule):
             checkpoint["tokenizer"] = self.tokenizer.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _end_the_epoch_once(checkpoint)
         self._rng_to_restore = checkpoint.get("rng_state")
         self.data_config = checkpoint.get("data_config", self.data_config)
         self.pretrained_from = checkpoint.get("pretrained_from", self.pretrained_from)
@@ -234,6 +235,19 @@ class TaskModule(L.LightningModule):
                              "Python, save it with `Tokenizer.from_str(ckpt['tokenizer']).save(path)` and give "
                              "that path to the datamodule)")
         self.tokenizer = Tokenizer.from_str(stored)
+
+
+def _end_the_epoch_once(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written after an epoch's last training batch but before the epoch ended (`every_n_train_steps`
+    landing there): Lightning 2.6 counts that epoch as ended while it restores the loops, then ends it again, so
+    the resumed run skips an epoch number and the batches that go with it. Unmarked as the last batch (Lightning
+    calls this hook before it restores the loops), the restored epoch finds all its batches done and ends once."""
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    batches, epochs = loop.get("epoch_loop.batch_progress"), loop.get("epoch_progress")
+    if batches and epochs and batches.get("is_last_batch"):
+        current = epochs["current"]
+        if current["processed"] == current["started"] - 1:                  # the epoch had not ended
+            batches["is_last_batch"] = False
 
 
 def _rng_state() -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Callbacks the subprocess tests add to a real `lightning_tfm fit` (with tests/support on PYTHONPATH), to see
-inside the run: which batches each rank trained on, each rank's final weights, and a real SIGKILL mid-epoch."""
+inside the run: which batches each rank trained on, each rank's final weights, and a real SIGKILL mid-epoch or
+in the middle of a checkpoint write."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
 from pathlib import Path
@@ -56,6 +58,30 @@ class SigkillAtStep(L.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SigkillDuringCheckpointWrite(L.Callback):
+    """At optimizer step `step`, let the checkpoint file receive half of its bytes (flushed to disk), then kill
+    this process with SIGKILL: a crash in the middle of a checkpoint write."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.global_step != self.step:
+            return
+        whole_save = torch.save
+
+        def half_then_kill(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            buffer = io.BytesIO()
+            whole_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = half_then_kill       # the checkpoint is written right after this hook returns
 
 
 class PoisonWeightsAtStep(L.Callback):

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import BucketBatchSampler, ResumableBatches
-from lightning_tfm.data.compressed import find_file
+from lightning_tfm.data.datamodules.splits import check_file
 from lightning_tfm.data.prepare import prepare, read_manifest
 from lightning_tfm.data.tokenizers import (
     SpecialIds,
@@ -199,8 +199,20 @@ class TextDataModule(L.LightningDataModule):
     # --- splits ------------------------------------------------------------------------------------------
 
     def has_split(self, split: str) -> bool:
-        """Whether `split` ("train", "val", "test" or "predict") is configured."""
-        raise NotImplementedError
+        """Whether `split` ("train", "val", "test" or "predict") is configured: its `<split>_path` is set, and for
+        "val" alternatively a `val_fraction` to carve from the training split."""
+        if split == "val" and getattr(self, "val_fraction", 0.0) > 0:
+            return True
+        return getattr(self, f"{split}_path", None) is not None
+
+    def prepared_splits(self) -> list[str]:
+        """The configured splits that `lightning_tfm prepare` writes (predict files are always read raw)."""
+        return [split for split in ("train", "val", "test") if self.has_split(split)]
+
+    def source_files(self, split: str) -> list[str]:
+        """The raw file a split is read from (a carved validation split's is the training file)."""
+        key = "train" if split == "val" and getattr(self, "val_path", None) is None else split
+        return [str(check_file(f"{key}_path", getattr(self, f"{key}_path")))]
 
     def build_dataset(self, split: str) -> Dataset:
         """Read and tokenize one split."""
@@ -220,6 +232,23 @@ class TextDataModule(L.LightningDataModule):
                 self.dataset(split)
 
     # --- loaders -----------------------------------------------------------------------------------------
+
+    def loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
+        """The DataLoader of one split: what each subclass batches and how."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self.resumable(self.loader("train", shuffle=True))
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self.loader("val", shuffle=False) if self.has_split("val") else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches in input order (no length sorting), so predictions come out in the order of the file."""
+        return self.loader("predict", shuffle=False, pool_size=1)
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch, the training batches done in it (the same on every rank: each has as many batches) and
@@ -255,8 +284,7 @@ class TextDataModule(L.LightningDataModule):
             batches.set_epoch(self._resume[0])
             batches.resume(*self._resume)
             self._resume = None
-        return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn,
-                          num_workers=loader.num_workers, persistent_workers=loader.persistent_workers)
+        return self.data_loader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn)
 
     def world(self) -> tuple[int, int]:
         """(num_replicas, rank) from the attached Trainer, else torch.distributed, else (1, 0)."""
@@ -273,23 +301,12 @@ class TextDataModule(L.LightningDataModule):
         num_replicas, rank = self.world()
         sampler = BucketBatchSampler(lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
                                      seed=self.seed, pool_size=pool_size, num_replicas=num_replicas, rank=rank)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return self.data_loader(dataset, batch_sampler=sampler, collate_fn=collate)
 
-
-def check_file(key: str, path: str) -> Path:
-    """The file to read for `data.<key>`: `path`, or its one compressed sibling `path.gz`/`.xz`/`.zst` when
-    `path` does not exist (`compressed.find_file`); FileNotFoundError naming the config key when neither is."""
-    found = find_file(path)
-    if not found.is_file():
-        raise FileNotFoundError(f"data.{key}={path} does not exist")
-    return found
-
-
-def check_batching(max_tokens: int | None, batch_size: int | None) -> None:
-    """At least one of the two limits, each >= 1."""
-    if max_tokens is None and batch_size is None:
-        raise ValueError("data.max_tokens and data.batch_size are both None; set one (or both)")
-    for key, value in (("max_tokens", max_tokens), ("batch_size", batch_size)):
-        if value is not None and value < 1:
-            raise ValueError(f"data.{key}={value}, must be >= 1 or None")
+    def data_loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        """A DataLoader with this datamodule's worker processes and a generator of its own. Every iterator a
+        DataLoader builds draws a seed for its workers; from torch's global generator (the default) that draw
+        would shift dropout's random numbers once per epoch and per validation, so a run resumed at an epoch's
+        start would drop other units than the uninterrupted run did."""
+        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed), **kwargs)

@@ -9,15 +9,15 @@ import functools
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from torch.utils.data import DataLoader
 
-from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
+from lightning_tfm.data.datamodules.base import TextDataModule
 from lightning_tfm.data.datamodules.classification_data import (
     ClassificationDataset,
     PreparedClassificationDataset,
     collate_classification,
 )
+from lightning_tfm.data.datamodules.splits import carve_validation, check_batching, check_file
 from lightning_tfm.data.prepare import Example, open_split, recorded_names
 from lightning_tfm.data.readers import BlankLines, Row, read_table
 from lightning_tfm.data.tokenize_workers import FramedIds, Framing, frame_fields
@@ -150,11 +150,9 @@ class ClassificationDataModule(TextDataModule):
                 "val_fraction": carve, "seed": self.seed if carve else None}
 
     def has_split(self, split: str) -> bool:
-        if split == "val":
-            return self.val_path is not None or self.val_fraction > 0
         if split == "predict":
             return (self.predict_path or self.test_path) is not None
-        return getattr(self, f"{split}_path") is not None
+        return super().has_split(split)
 
     def build_dataset(self, split: str) -> ClassificationDataset | PreparedClassificationDataset:
         if not self.has_split(split):
@@ -172,23 +170,7 @@ class ClassificationDataModule(TextDataModule):
             labels = labels if self.multi_label else [found[0] for found in labels]
         return ClassificationDataset(ids, segments, labels)
 
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable(self._loader("train", shuffle=True))
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if self.has_split("val") else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Batches in input order (no length sorting), so predictions come out in the order of the file."""
-        return self._loader("predict", shuffle=False, pool_size=1)
-
     # --- prepared rows (data/prepare.py's Preparable): "text" and "text_pair" ids, "labels" indices ----------
-
-    def prepared_splits(self) -> list[str]:
-        return [split for split in ("train", "val", "test") if self.has_split(split)]
 
     def prepared_fields(self) -> tuple[str, ...]:
         return ("text", "text_pair") if self.text_pair_column else ("text",)
@@ -203,10 +185,6 @@ class ClassificationDataModule(TextDataModule):
                 "label_names": self._given_labels, "val_fraction": carve, "seed": self.seed if carve else None,
                 "max_len": self.max_len, "truncate": self.truncate, "blank_lines": self.blank_lines,
                 "special_tokens": self.special_tokens.tokens()}
-
-    def source_files(self, split: str) -> list[str]:
-        key = "train" if split == "val" and self.val_path is None else split
-        return [str(check_file(f"{key}_path", getattr(self, f"{key}_path")))]
 
     def raw_examples(self, split: str) -> Iterator[Example]:
         """The split's rows as the raw path reads them (a val_fraction split carved alike), with label indices."""
@@ -247,10 +225,7 @@ class ClassificationDataModule(TextDataModule):
             return self._rows[split]
         if split in ("train", "val") and self.val_path is None and self.val_fraction > 0:
             rows = self._read_table(check_file("train_path", self.train_path))
-            n_val = max(1, round(len(rows) * self.val_fraction))
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            self._rows["val"] = [rows[i] for i in sorted(order[:n_val])]
-            self._rows["train"] = [rows[i] for i in sorted(order[n_val:])]
+            self._rows["train"], self._rows["val"] = carve_validation(rows, self.val_fraction, self.seed)
             return self._rows[split]
         key = "test" if split == "predict" and self.predict_path is None else split
         path = getattr(self, f"{key}_path")
@@ -285,7 +260,7 @@ class ClassificationDataModule(TextDataModule):
                              f"(data.label_names, or those of the training split {self.train_path})")
         return sorted(index[name] for name in self._labels(row))
 
-    def _loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
+    def loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
         dataset = self.dataset(split)
         collate = functools.partial(collate_classification, pad_id=self.pad_id, n_classes=self.n_classes,
                                     multi_label=self.multi_label, pairs=self.text_pair_column is not None)

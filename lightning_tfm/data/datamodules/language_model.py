@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_tfm.data.batching import derive_seed
-from lightning_tfm.data.datamodules.base import TextDataModule, check_file
+from lightning_tfm.data.datamodules.base import TextDataModule
+from lightning_tfm.data.datamodules.splits import check_file
 from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import read_lines, read_text
 from lightning_tfm.data.streams import iter_lines
@@ -156,11 +157,6 @@ class LanguageModelDataModule(TextDataModule):
     def tokenizer_source(self) -> dict[str, Any]:
         return {**super().tokenizer_source(), "val_fraction": self.val_fraction if self.val_path is None else 0.0}
 
-    def has_split(self, split: str) -> bool:
-        if split == "val":
-            return self.val_path is not None or self.val_fraction > 0
-        return getattr(self, f"{split}_path") is not None
-
     def build_dataset(self, split: str) -> TokenBlocks | list[dict[str, Any]]:
         if not self.has_split(split):
             raise ValueError(f"data.{split}_path is not set")
@@ -180,9 +176,6 @@ class LanguageModelDataModule(TextDataModule):
 
     # --- prepared rows (data/prepare.py's Preparable): each split one stream, stored in pieces of lines ----
 
-    def prepared_splits(self) -> list[str]:
-        return [split for split in ("train", "val", "test") if self.has_split(split)]
-
     def prepared_fields(self) -> tuple[str, ...]:
         return ("ids",)
 
@@ -192,10 +185,6 @@ class LanguageModelDataModule(TextDataModule):
     def prepared_settings(self) -> dict[str, Any]:
         return {"val_fraction": self.val_fraction if self.val_path is None else None,
                 "special_tokens": self.special_tokens.tokens()}
-
-    def source_files(self, split: str) -> list[str]:
-        key = "train" if split == "val" and self.val_path is None else split
-        return [str(check_file(f"{key}_path", getattr(self, f"{key}_path")))]
 
     def keeps_text(self, split: str) -> bool:
         return False
@@ -222,15 +211,8 @@ class LanguageModelDataModule(TextDataModule):
         dataset = self.dataset("train")
         _, rank = self.world()
         sampler = RandomOffsetSampler(len(dataset), self.batches_per_epoch * self.batch_size, self.seed, rank)
-        return self.resumable(DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                                         collate_fn=collate_blocks, num_workers=self.num_workers,
-                                         persistent_workers=self.num_workers > 0))
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._windows("val") if self.has_split("val") else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._windows("test")
+        return self.resumable(self.data_loader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                               collate_fn=collate_blocks))
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts in file order, `batch_size` at a time."""
@@ -259,8 +241,9 @@ class LanguageModelDataModule(TextDataModule):
                 raise ValueError(f"{path}:{line}: empty prompt; give every line some text")
         return [{"index": i, "prompt": p, "text": t} for i, (p, t) in enumerate(zip(ids, texts))]
 
-    def _windows(self, split: str) -> DataLoader:
-        """Consecutive windows 0, block_size, 2 * block_size, ... in order, shared across DDP ranks."""
+    def loader(self, split: str, shuffle: bool = False, pool_size: int = 1) -> DataLoader:
+        """Evaluation batches: consecutive windows 0, block_size, 2 * block_size, ... in order, shared across DDP
+        ranks (training draws random offsets in `train_dataloader`)."""
         dataset = self.dataset(split)
         starts = list(range(0, len(dataset), self.block_size))
         windows = torch.utils.data.Subset(dataset, starts)

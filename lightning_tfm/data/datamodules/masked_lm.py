@@ -13,10 +13,9 @@ import functools
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
-from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
+from lightning_tfm.data.datamodules.base import TextDataModule
 from lightning_tfm.data.datamodules.masked_lm_data import (
     MaskedLMDataset,
     MaskSeedBatchSampler,
@@ -25,6 +24,7 @@ from lightning_tfm.data.datamodules.masked_lm_data import (
     collate_masked_lm,
     encode_with_masks,
 )
+from lightning_tfm.data.datamodules.splits import carve_validation, check_batching, check_file
 from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import Row, is_table, read_lines, read_table
 from lightning_tfm.data.streams import iter_lines
@@ -145,11 +145,6 @@ class MaskedLMDataModule(TextDataModule):
         return {**super().tokenizer_source(), "column": self.text_column if is_table(self.train_path) else None,
                 "val_fraction": carve, "seed": self.seed if carve else None}
 
-    def has_split(self, split: str) -> bool:
-        if split == "val":
-            return self.val_path is not None or self.val_fraction > 0
-        return getattr(self, f"{split}_path") is not None
-
     def build_dataset(self, split: str) -> MaskedLMDataset | PreparedMaskedLMDataset:
         if not self.has_split(split):
             raise ValueError(f"data.{split}_path is not set")
@@ -164,15 +159,6 @@ class MaskedLMDataModule(TextDataModule):
             self.truncated(split, "text", len(framed.cut), len(rows), rows[framed.cut[0]].where)
         return MaskedLMDataset(framed.rows(), texts)
 
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable(self._loader("train", shuffle=True))
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if self.has_split("val") else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
     def predict_dataloader(self) -> DataLoader:
         """Batches in input order (no length sorting), so predictions come out in the order of the file."""
         dataset = self.dataset("predict")
@@ -181,9 +167,6 @@ class MaskedLMDataModule(TextDataModule):
                                     shuffle=False, pool_size=1)
 
     # --- prepared rows (data/prepare.py's Preparable): one "text" field, `cls tokens sep` ------------------
-
-    def prepared_splits(self) -> list[str]:
-        return [split for split in ("train", "val", "test") if self.has_split(split)]
 
     def prepared_fields(self) -> tuple[str, ...]:
         return ("text",)
@@ -195,10 +178,6 @@ class MaskedLMDataModule(TextDataModule):
         carve = self.val_fraction if self.val_path is None else 0.0
         return {"text_column": self.text_column, "val_fraction": carve, "seed": self.seed if carve else None,
                 "max_len": self.max_len, "special_tokens": self.special_tokens.tokens()}
-
-    def source_files(self, split: str) -> list[str]:
-        key = "train" if split == "val" and self.val_path is None else split
-        return [str(check_file(f"{key}_path", getattr(self, f"{key}_path")))]
 
     def raw_examples(self, split: str) -> Iterator[Example]:
         """The split's texts as the raw path reads them; a plain text file (not carved by val_fraction) is
@@ -245,10 +224,7 @@ class MaskedLMDataModule(TextDataModule):
         if split not in self._rows:
             if split in ("train", "val") and self.val_path is None and self.val_fraction > 0:
                 rows = self._read("train", self.train_path)
-                n_val = max(1, round(len(rows) * self.val_fraction))
-                order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
-                self._rows["val"] = [rows[i] for i in sorted(order[:n_val])]
-                self._rows["train"] = [rows[i] for i in sorted(order[n_val:])]
+                self._rows["train"], self._rows["val"] = carve_validation(rows, self.val_fraction, self.seed)
             else:
                 self._rows[split] = self._read(split, getattr(self, f"{split}_path"))
         return self._rows[split]
@@ -268,15 +244,15 @@ class MaskedLMDataModule(TextDataModule):
             ids.append([specials.cls, *tokens, specials.sep])
         return MaskedLMDataset(ids, texts)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
         dataset = self.dataset(split)
         specials = self.special_ids
         collate = functools.partial(collate_masked_lm, pad_id=specials.pad, mask_id=specials.mask,
                                     special_ids=self.never_masked(), vocab_size=self.vocab_size,
                                     mask_prob=self.mask_prob, replace_prob=self.replace_prob,
                                     random_prob=self.random_prob)
-        loader = self.bucketed_loader(dataset, dataset.lengths(), collate, self.max_tokens, self.batch_size, shuffle)
+        loader = self.bucketed_loader(dataset, dataset.lengths(), collate, self.max_tokens, self.batch_size, shuffle,
+                                      pool_size)
         # the same bucketed batches, each index paired with its batch's mask seed (see MaskSeedBatchSampler)
         batches = MaskSeedBatchSampler(loader.batch_sampler, self.seed, _STREAMS[split], per_epoch=shuffle)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=loader.num_workers,
-                          persistent_workers=loader.persistent_workers)
+        return self.data_loader(dataset, batch_sampler=batches, collate_fn=collate)

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tfm.data.batching import pad_batch
-from lightning_tfm.data.datamodules.base import TextDataModule, check_batching, check_file
+from lightning_tfm.data.datamodules.base import TextDataModule
+from lightning_tfm.data.datamodules.splits import check_batching, check_file
 from lightning_tfm.data.prepare import Example, PreparedSplit, open_split
 from lightning_tfm.data.readers import BlankLines, is_table, read_lines, read_pairs, read_table
 from lightning_tfm.data.streams import iter_pairs
@@ -177,7 +178,7 @@ class TranslationDataModule(TextDataModule):
     def has_split(self, split: str) -> bool:
         if split == "predict":
             return (self.predict_path or self.test_path) is not None
-        return getattr(self, f"{split}_path") is not None
+        return super().has_split(split)
 
     def build_dataset(self, split: str) -> TranslationDataset | PreparedTranslationDataset:
         if not self.has_split(split):
@@ -192,9 +193,6 @@ class TranslationDataModule(TextDataModule):
         return TranslationDataset(src, tgt, texts)
 
     # --- prepared rows (data/prepare.py's Preparable) -----------------------------------------------------
-
-    def prepared_splits(self) -> list[str]:
-        return [split for split in ("train", "val", "test") if getattr(self, f"{split}_path") is not None]
 
     def prepared_fields(self) -> tuple[str, ...]:
         return ("src", "tgt")
@@ -228,19 +226,6 @@ class TranslationDataModule(TextDataModule):
         special = self.special_ids
         prefix = (special.bos,) if field == "tgt" else ()
         return Framing(prefix, (special.eos,), self.max_len, self.truncate)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable(self._loader("train", shuffle=True))
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if self.val_path is not None else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Batches in input order (no length sorting), so predictions come out in the order of the file."""
-        return self._loader("predict", shuffle=False, pool_size=1)
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -280,7 +265,7 @@ class TranslationDataModule(TextDataModule):
             self.truncated(split, field, len(framed.cut), len(seqs), f"{file}:{lines[framed.cut[0]]}")
         return framed.rows()
 
-    def _loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
+    def loader(self, split: str, shuffle: bool, pool_size: int = 16384) -> DataLoader:
         dataset = self.dataset(split)
         lengths = dataset.lengths()
         collate = functools.partial(collate_translation, pad_id=self.pad_id)
