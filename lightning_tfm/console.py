@@ -52,6 +52,10 @@ def quiet_third_party() -> None:
     # still builds in lightning/pytorch/utilities/_pytree.py; nothing a user can change
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    # Lightning 2.6's model summary warns that it cannot size a `bf16-mixed` or `16-mixed` model and "uses 32 bits
+    # instead": a mixed-precision run keeps its weights in fp32, so the size it prints is right and the warning not
+    warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary",
+                            category=UserWarning)
 
 
 def drop_wandb_anonymous(loggers: list[Logger]) -> None:

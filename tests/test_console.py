@@ -67,6 +67,25 @@ def test_lightning_pytree_deprecation_is_silenced_and_our_warnings_are_not():
                                                 "`isinstance(treespec, LeafSpec)` is deprecated"]
 
 
+def test_mixed_precision_summary_warning_is_silenced(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    model = BoringModel()
+    model.trainer = Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu", precision="bf16-mixed")
+
+    def summary_warnings() -> list[str]:
+        ModelSummary(model).total_parameters
+        return [str(w.message) for w in caught if "model summary" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert summary_warnings()                                              # Lightning warns without the filter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        assert summary_warnings() == []
+
+
 def test_wandb_logger_leaves_anonymous_out_unless_asked_for(tmp_path):
     plain, anonymous = WandbLogger(save_dir=tmp_path), WandbLogger(save_dir=tmp_path, anonymous=True)
     assert plain._wandb_init["anonymous"] is None                 # what Lightning passes to wandb.init
