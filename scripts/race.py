@@ -4,6 +4,7 @@ data, tokenizer, threads and training-time budget, one after the other in one in
     python scripts/race.py                                   # 40 minutes per run, seeds 1 and 2, both systems
     python scripts/race.py --minutes 1 --snapshot-every 0.5 --seeds 1 --out results/race_check
     python scripts/race.py --systems marian                  # the peer only, reusing OUT/ours_seedS/tokenizer
+    python scripts/race.py --precision bf16 --out results/race_bf16   # both in bf16 (a CPU or GPU with native bf16)
 
 Ours runs as a user runs it, through the CLI in a subprocess: `lightning_tfm fit --config
 configs/translation/multi30k_small.yaml` with the seed, the data paths and one extra callback
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="both models 1+1 layers, d_model 32 (smoke tests only)")
     p.add_argument("--marian-lr-scale", type=float, default=1.0,
                    help="multiplies the peer's inverse-sqrt schedule (1: the paper's formula)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="training precision of both systems: bf16 is ours' `--trainer.precision bf16-mixed` and "
+                        "the peer's forward and loss under torch.autocast(bfloat16); scoring is fp32 for both")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.snapshot_every <= 0 or args.snapshot_every > args.minutes:
         p.error(f"--minutes {args.minutes} and --snapshot-every {args.snapshot_every}: need 0 < every <= minutes")
@@ -142,6 +146,8 @@ def train_ours(args: argparse.Namespace, data: dict[str, Path], seed: int, root:
            "--trainer.max_epochs", "-1", "--trainer.enable_progress_bar", "false",
            *[a for split in ("train", "val", "test") for a in (f"--data.{split}_path", str(data[split]))],
            f"--trainer.callbacks+={json.dumps(callback)}"]
+    if args.precision == "bf16":
+        fit += ["--trainer.precision", "bf16-mixed"]
     if args.tiny:
         fit += [f"{MODEL}.n_layers", str(TINY.n_layers), f"{MODEL}.d_model", str(TINY.d_model),
                 f"{MODEL}.n_heads", str(TINY.n_heads), f"{MODEL}.d_ff", str(TINY.d_ff)]
@@ -197,7 +203,8 @@ def train_peer(args: argparse.Namespace, data: dict[str, Path], seed: int, root:
         sys.exit(f"{tokenizer_path} not found: the peer uses our run's tokenizer; run --systems ours first")
     start, load = time.perf_counter(), [os.getloadavg()[0]]
     snapshots = train_marian(data["train"], tokenizer_path, root, seed, args.minutes, args.snapshot_every,
-                             TINY if args.tiny else Size(), lr_scale=args.marian_lr_scale)
+                             TINY if args.tiny else Size(), lr_scale=args.marian_lr_scale,
+                             bf16=args.precision == "bf16")
     train_s, load = time.perf_counter() - start, [*load, os.getloadavg()[0]]
     print(f"marian seed {seed}: trained {train_s:.0f} s wall, {snapshots[-1]['minutes']:.2f} training minutes, "
           f"{snapshots[-1]['step']} steps", flush=True)
@@ -259,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     data = prepare_data(args, out)
     settings = {"minutes": args.minutes, "snapshot_every": args.snapshot_every, "data": str(Path(args.data).resolve()),
                 "max_train_pairs": args.max_train_pairs, "threads": args.threads, "beam": args.beam, "alpha": ALPHA,
-                "max_extra_len": MAX_EXTRA_LEN, "tiny": args.tiny, "marian_lr_scale": args.marian_lr_scale}
+                "max_extra_len": MAX_EXTRA_LEN, "tiny": args.tiny, "marian_lr_scale": args.marian_lr_scale,
+                "precision": args.precision}
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(),
                "torch": torch.__version__, "transformers": transformers.__version__}
     for seed in args.seeds:

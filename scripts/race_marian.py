@@ -11,7 +11,7 @@ Recipe (Vaswani et al. 2017, §5.3-5.4): Adam(0.9, 0.98, eps 1e-9, fused like ou
 schedule lr = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), here transformers' `get_inverse_sqrt_schedule`
 with the formula's peak as its lr (the same curve, except that transformers' step 0 has lr 0), warmup 300,
 label smoothing 0.1 (torch's, the same loss as Seq2SeqTrainer's `label_smoothing_factor`), no gradient clipping
-(ours has none; Seq2SeqTrainer would clip at 1.0), fp32. Batches: our `BucketBatchSampler` at 4096 padded tokens
+(ours has none; Seq2SeqTrainer would clip at 1.0), fp32 or, with `bf16`, CPU autocast to bfloat16. Batches: our `BucketBatchSampler` at 4096 padded tokens
 (counted on the longer side, as ours counts its 2048), length-bucketed, shuffled by (seed, epoch)."""
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def _encoded(prefix: Path, tokenizer: Tokenizer, bos: int, eos: int) -> tuple[li
 
 def train_marian(train_prefix: Path, tokenizer_path: Path, out: Path, seed: int, budget_minutes: float,
                  every_minutes: float, size: Size = Size(), warmup: int = 300, max_tokens: int = 4096,
-                 lr_scale: float = 1.0, log_every: int = 100) -> list[dict[str, Any]]:
+                 lr_scale: float = 1.0, bf16: bool = False, log_every: int = 100) -> list[dict[str, Any]]:
     """Train for `budget_minutes` of training time (race_clock.Clock), saving the weights every `every_minutes`
-    to out/snapshot-<M>min.pt. Returns the snapshot records (also in out/snapshots.jsonl)."""
+    to out/snapshot-<M>min.pt. Returns the snapshot records (also in out/snapshots.jsonl). `bf16`: forward and
+    loss under autocast to bfloat16, fp32 weights and optimizer (what Seq2SeqTrainer's `bf16=True` does)."""
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     pad, bos, eos = specials(tokenizer)
     torch.manual_seed(seed)
@@ -88,14 +89,14 @@ def train_marian(train_prefix: Path, tokenizer_path: Path, out: Path, seed: int,
     clock, step, epoch, losses, records = Clock(budget_minutes, every_minutes), 0, 0, [], []
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"marian seed {seed}: {trainable:,} trainable parameters, peak lr {peak:.3g} at step {warmup}, "
-          f"{len(src)} pairs, {len(sampler)} batches an epoch", flush=True)
+          f"{len(src)} pairs, {len(sampler)} batches an epoch, {'bf16 autocast' if bf16 else 'fp32'}", flush=True)
     while not clock.over:
         sampler.set_epoch(epoch)
         clock.resume()
         for indices in sampler:
             s_ids, s_mask = pad_batch([src[i] for i in indices], pad)          # (B, S)
             t_ids, t_mask = pad_batch([tgt[i] for i in indices], pad)          # (B, T + 1): bos y1 .. yn eos
-            losses.append(_step(model, optimizer, s_ids, s_mask, t_ids, t_mask))
+            losses.append(_step(model, optimizer, s_ids, s_mask, t_ids, t_mask, bf16))
             schedule.step()
             step += 1
             if not math.isfinite(losses[-1]):
@@ -115,11 +116,12 @@ def train_marian(train_prefix: Path, tokenizer_path: Path, out: Path, seed: int,
 
 
 def _step(model: transformers.MarianMTModel, optimizer: torch.optim.Optimizer, s_ids: Tensor, s_mask: Tensor,
-          t_ids: Tensor, t_mask: Tensor) -> float:
+          t_ids: Tensor, t_mask: Tensor, bf16: bool = False) -> float:
     """One update on a batch; the target is fed shifted right (decoder reads t_ids[:, :-1]). Returns the loss."""
-    logits = model(input_ids=s_ids, attention_mask=s_mask.long(), decoder_input_ids=t_ids[:, :-1]).logits
-    labels = t_ids[:, 1:].masked_fill(~t_mask[:, 1:], -100)                   # (B, T)
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):       # backward runs outside, as torch advises
+        logits = model(input_ids=s_ids, attention_mask=s_mask.long(), decoder_input_ids=t_ids[:, :-1]).logits
+        labels = t_ids[:, 1:].masked_fill(~t_mask[:, 1:], -100)               # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

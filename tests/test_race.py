@@ -100,3 +100,23 @@ def test_clock_counts_batches_not_pauses_and_marks_each_snapshot_once(monkeypatc
     assert seen == [(0.4, 30), (0.8, 60), (1.0, 60)] and clock.over and clock.tokens == 21
     with pytest.raises(ValueError, match="every_minutes=0"):
         Clock(budget_minutes=1.0, every_minutes=0)
+
+
+def test_peer_bf16_step_autocasts_the_forward_and_keeps_fp32_weights():
+    """`--precision bf16` for the peer: the forward and loss run in bfloat16 (the loss moves by bf16 rounding,
+    not more), the weights and their update stay fp32."""
+    import torch
+    from race_marian import TINY, _step, build_marian
+
+    s_ids, t_ids = torch.randint(4, 50, (3, 7)), torch.randint(4, 50, (3, 6))
+    s_mask, t_mask = torch.ones(3, 7, dtype=torch.bool), torch.ones(3, 6, dtype=torch.bool)
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = build_marian(TINY, 50, pad=0, bos=1, eos=2).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        torch.manual_seed(1)                          # the same dropout masks in both
+        losses[bf16] = _step(model, optimizer, s_ids, s_mask, t_ids, t_mask, bf16=bf16)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters()
+                   if p.grad is not None)
+    assert losses[True] != losses[False] and abs(losses[True] - losses[False]) < 0.05 * losses[False]
