@@ -11,8 +11,9 @@ Recipe (Vaswani et al. 2017, §5.3-5.4): Adam(0.9, 0.98, eps 1e-9, fused like ou
 schedule lr = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), here transformers' `get_inverse_sqrt_schedule`
 with the formula's peak as its lr (the same curve, except that transformers' step 0 has lr 0), warmup 300,
 label smoothing 0.1 (torch's, the same loss as Seq2SeqTrainer's `label_smoothing_factor`), no gradient clipping
-(ours has none; Seq2SeqTrainer would clip at 1.0), fp32 or, with `bf16`, CPU autocast to bfloat16. Batches: our `BucketBatchSampler` at 4096 padded tokens
-(counted on the longer side, as ours counts its 2048), length-bucketed, shuffled by (seed, epoch)."""
+(ours has none; Seq2SeqTrainer would clip at 1.0), fp32 or, with `bf16`, CPU autocast to bfloat16. Batches: our
+`BucketBatchSampler` at 4096 padded tokens (counted on the longer side, as ours counts its 2048), length-bucketed,
+shuffled by (seed, epoch)."""
 
 from __future__ import annotations
 
