@@ -124,3 +124,37 @@ def test_project_rows_reads_an_int8_layer_through_its_rows():
     layer = Int8Linear.from_float(nn.Linear(8, 12), LEVELS)
     x = torch.randn(4, 8)
     torch.testing.assert_close(project_rows(layer, x, 4, None), layer(x)[:, 4:])
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._int_mm's CUDA kernel needs a GPU")
+
+
+@CUDA
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+def test_int8_linear_on_cuda_takes_any_rows_and_sizes(rows):
+    """torch._int_mm wants sizes divisible by 8 and, for small layers, rows in multiples of 32; the layer pads
+    and slices, so 1 row of a 50 x 37 layer computes the same quantized product as on the dequantized tensors."""
+    torch.manual_seed(0)
+    layer, x = nn.Linear(37, 50).cuda(), torch.randn(rows, 37, device="cuda")
+    q, scale = quantize_rows(x)
+    w, w_scale = quantize_rows(layer.weight)
+    expected = (q.float() * scale) @ (w.float() * w_scale).T + layer.bias
+    int8 = Int8Linear.from_float(layer)
+    torch.testing.assert_close(int8(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(int8.rows(x, 8, 24), expected[:, 8:24], rtol=1e-4, atol=1e-4)
+
+
+@CUDA
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_cuda_model_in_bf16_or_int8_stays_close_to_fp32_and_restores_bitwise(precision):
+    model, (src, tgt, mask) = _model().cuda(), _batch()
+    src, tgt, mask = src.cuda(), tgt.cuda(), mask.cuda()
+    before = model(src, tgt, mask)
+    assert precision_problem(precision, torch.device("cuda")) is None
+    converted = to_inference_precision(model, precision, measure=False)
+    after = model(src, tgt, mask).float()
+    assert (after - before).norm() / before.norm() < 0.05
+    converted.restore()
+    assert torch.equal(model(src, tgt, mask), before)

@@ -92,13 +92,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+# torch._int_mm on CUDA (cuBLASLt, CUDA 13 on an H200) takes inner and output sizes divisible by 8, and rows in
+# multiples of 32 where the inner size is small (measured: 17 to 40 rows fail at inner sizes 32 to 64, and
+# 32 and 64 rows pass at every size; at 256 any row count over 16 passes)
+_CUDA_ROWS, _CUDA_MULTIPLE = 32, 8
+
+
 class _Kernel:
     """One int8 weight (out, in) prepared for the matmul of its device; (M, in) float -> (M, out) float32."""
 
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None, levels: int) -> None:
         self.scale, self.bias, self.cuda, self.levels = scale, bias, weight.is_cuda, levels
-        if self.cuda:
-            self.weight = weight.t().contiguous()                   # (in, out), as torch._int_mm reads it
+        if self.cuda:               # zero rows and columns padded in change no product; sliced off after
+            self.out_features, self.pad_in = weight.shape[0], -weight.shape[1] % _CUDA_MULTIPLE
+            padded = F.pad(weight, (0, self.pad_in, 0, -weight.shape[0] % _CUDA_MULTIPLE))
+            self.weight = padded.t().contiguous()                   # (in, out), as torch._int_mm reads it
         else:
             self.weight = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
             self.zeros = torch.zeros(weight.shape[0], dtype=torch.long)
@@ -106,7 +114,9 @@ class _Kernel:
     def __call__(self, x: Tensor) -> Tensor:
         if self.cuda:
             q, row_scale = quantize_rows(x)
-            y = torch._int_mm(q, self.weight).float().mul_(row_scale).mul_(self.scale)
+            q = F.pad(q, (0, self.pad_in, 0, -len(q) % _CUDA_ROWS))
+            y = torch._int_mm(q, self.weight)[:len(x), :self.out_features]
+            y = y.float().mul_(row_scale).mul_(self.scale)
             return y if self.bias is None else y.add_(self.bias)
         q, scale, zero = quantize_uint8(x, self.levels)
         return torch.ops.onednn.qlinear_pointwise.tensor(q, scale, zero, self.weight, self.scale, self.zeros,
