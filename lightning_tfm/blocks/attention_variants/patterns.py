@@ -184,8 +184,12 @@ class _GlobalSet(Pattern):
                              "give n_first >= 1 or some positions >= 0")
 
     def _is_global(self, pos: Tensor) -> Tensor:
-        extra = torch.tensor(self.positions, dtype=pos.dtype, device=pos.device)
-        return (pos < self.n_first) | torch.isin(pos, extra)
+        # comparisons only, no tensor built from the positions: FlexAttention compiles this into its mask_mod,
+        # where inductor cannot lower a tensor constant (torch 2.11: "'Tensor' object has no attribute 'get_dtype'")
+        is_global = pos < self.n_first
+        for p in sorted(set(self.positions) - set(range(self.n_first))):
+            is_global = is_global | (pos == p)
+        return is_global
 
     def _global_positions(self) -> tuple[int, ...]:
         return tuple(sorted(set(range(self.n_first)) | set(self.positions)))
