@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightning_tfm.blocks.kv_cache import DecodingState, KVCache, MemoryCache
 from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.positions import apply_rotary
+from lightning_tfm.blocks.sdpa import sdpa
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,8 @@ class Attention(nn.Module):
         if self.keep_weights:
             return self._attend_explicitly(q, k, v, mask, dropout)
         attn_mask, is_causal = mask.sdpa_mask(q.shape[2], k.shape[2], q.dtype, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                              enable_gqa=self.n_kv_heads != self.n_heads)
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                    enable_gqa=self.n_kv_heads != self.n_heads)
 
     def _attend_explicitly(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout: float,
                            key_start: int = 0, pattern: Tensor | None = None) -> Tensor:

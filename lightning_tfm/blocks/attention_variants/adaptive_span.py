@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention, Supports
 from lightning_tfm.blocks.kv_cache import WindowCache
 from lightning_tfm.blocks.masks import AttentionMask
+from lightning_tfm.blocks.sdpa import sdpa
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,10 @@ class AdaptiveSpanAttention(MultiHeadAttention):
         q_blocks = F.pad(q, (0, 0, 0, right)).view(B, H, n, Bq, D).transpose(1, 2)   # (B, n, H, Bq, D)
         bias = self._block_bias(mask, plan, T, S, q.dtype, q.device)                 # (B or 1, n, H, Bq, K)
         # blocks fold into the batch: 4-D inputs take SDPA's fused kernels where the device has them
-        out = F.scaled_dot_product_attention(q_blocks.reshape(B * n, H, Bq, D), k_blocks, v_blocks,
-                                             attn_mask=bias.expand(B, -1, -1, -1, -1).reshape(B * n, H, Bq, K),
-                                             dropout_p=self.dropout if self.training else 0.0,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)  # (B n, H, Bq, D)
+        out = sdpa(q_blocks.reshape(B * n, H, Bq, D), k_blocks, v_blocks,
+                   attn_mask=bias.expand(B, -1, -1, -1, -1).reshape(B * n, H, Bq, K),
+                   dropout_p=self.dropout if self.training else 0.0,
+                   enable_gqa=self.n_kv_heads != self.n_heads)  # (B n, H, Bq, D)
         return out.view(B, n, H, Bq, D).transpose(1, 2).reshape(B, H, n * Bq, D)[:, :, :T]
 
     def _attend_keeping_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:

@@ -21,6 +21,7 @@ from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention, Suppo
 from lightning_tfm.blocks.attention_variants.compressed_weights import token_weights, visible_real
 from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.positions import apply_rotary
+from lightning_tfm.blocks.sdpa import sdpa
 
 
 class CompressedCache:
@@ -177,8 +178,8 @@ class MemoryCompressedAttention(MultiHeadAttention):
             self._keep_token_weights(self.weights, None, mask, first, start + S, c)
             return y
         attn_mask = None if seen is None else seen[:, None, None]
-        return F.scaled_dot_product_attention(q, c.comp_k, c.comp_v, attn_mask=attn_mask, dropout_p=dropout,
-                                              enable_gqa=self.n_kv_heads != self.n_heads)
+        return sdpa(q, c.comp_k, c.comp_v, attn_mask=attn_mask, dropout_p=dropout,
+                    enable_gqa=self.n_kv_heads != self.n_heads)
 
     def _keep_token_weights(self, slots: Tensor, near: Tensor | None, mask: AttentionMask, first: int, end: int,
                             c: _Compacted) -> None:

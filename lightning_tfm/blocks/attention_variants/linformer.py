@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention, Supports
 from lightning_tfm.blocks.kv_cache import DecodingState
 from lightning_tfm.blocks.masks import AttentionMask
+from lightning_tfm.blocks.sdpa import sdpa
 
 
 class LinformerAttention(MultiHeadAttention):
@@ -94,7 +94,7 @@ class LinformerAttention(MultiHeadAttention):
         dropout = self.dropout if self.training else 0.0
         if self.keep_weights:
             return self._attend_keeping_weights(q, k, v, project_v[:, :S], mask.key_mask, dropout)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads)
+        return sdpa(q, k, v, dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads)
 
     def _attend_keeping_weights(self, q: Tensor, k: Tensor, v: Tensor, project_v: Tensor, key_mask: Tensor | None,
                                 dropout: float) -> Tensor:

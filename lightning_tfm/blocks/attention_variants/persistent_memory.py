@@ -15,6 +15,7 @@ from lightning_tfm.blocks.attention import LayerPlace, MultiHeadAttention, Suppo
 from lightning_tfm.blocks.kv_cache import DecodingState
 from lightning_tfm.blocks.masks import AttentionMask
 from lightning_tfm.blocks.positions import apply_rotary
+from lightning_tfm.blocks.sdpa import sdpa
 
 
 class PersistentMemoryAttention(MultiHeadAttention):
@@ -104,8 +105,8 @@ class PersistentMemoryAttention(MultiHeadAttention):
         dropout = self.dropout if self.training else 0.0
         if self.keep_weights:
             return self._attend_keeping_weights(q, k, v, attn_mask, dropout)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                              scale=self.head_dim ** -0.5, enable_gqa=self.n_kv_heads != self.n_heads)
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                    scale=self.head_dim ** -0.5, enable_gqa=self.n_kv_heads != self.n_heads)
 
     def _memory_mask(self, mask: AttentionMask, T: int, S: int, dtype: torch.dtype,
                      device: torch.device) -> Tensor | None:
