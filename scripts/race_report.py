@@ -92,7 +92,8 @@ def markdown(report: dict) -> str:
         "# Time to quality: lightning_tfm against transformers' MarianMTModel", "",
         f"Multi30k En→De ({s['data']}{pairs}), {s['minutes']:g} training minutes per run, snapshots every "
         f"{s['snapshot_every']:g}; {s['threads']} threads on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
-        f"transformers {m['transformers']}{'; TINY models (smoke run)' if s['tiny'] else ''}.",
+        f"transformers {m['transformers']}; both trained in {s.get('precision', 'fp32')}"
+        f"{'; TINY models (smoke run)' if s['tiny'] else ''}.",
         "Training minutes exclude evaluation and checkpoint writing on both sides (scripts/race_clock.py). "
         f"Beam {s['beam']}, length penalty alpha {s['alpha']} (GNMT's form in ours, |Y|^alpha in transformers), at "
         f"most source + {s['max_extra_len']} tokens; sacreBLEU `{report.get('bleu_signature', '')}`.", "",

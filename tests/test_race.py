@@ -80,6 +80,7 @@ def test_race_markdown_and_png_show_the_json(race):
             snap = next(s for s in run["snapshots"] if s["mark_minutes"] == mark)
             assert f"| {snap['test_bleu']:.2f} |" in row
     assert "| ours seed 1 |" in text and "| marian seed 1 |" in text
+    assert report["settings"]["precision"] == "fp32" and "both trained in fp32" in text
     png = (out / "race.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (800, 500)
 
