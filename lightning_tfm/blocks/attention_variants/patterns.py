@@ -187,7 +187,7 @@ class _GlobalSet(Pattern):
         # comparisons only, no tensor built from the positions: FlexAttention compiles this into its mask_mod,
         # where inductor cannot lower a tensor constant (torch 2.11: "'Tensor' object has no attribute 'get_dtype'")
         is_global = pos < self.n_first
-        for p in sorted(set(self.positions) - set(range(self.n_first))):
+        for p in self._global_positions()[self.n_first:]:                 # the positions past the first n
             is_global = is_global | (pos == p)
         return is_global
 
