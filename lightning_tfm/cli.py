@@ -149,15 +149,15 @@ class TransformerCLI(LightningCLI):
 def _use_checkpoint_tokenizer(config: Any, ckpt_path: Path, stored: str | None) -> None:
     """Point the datamodule at the tokenizer stored in the checkpoint (written to a file in the temporary
     folder, named by its hash, so the checkpoint's folder may be read-only and stays as it was). An explicit
-    `data.tokenizer_path` is kept when it holds that same tokenizer, and is an error when it holds another."""
+    `data.tokenization.path` is kept when it holds that same tokenizer, and is an error when it holds another."""
     data_args = config["data"]["init_args"]
-    if stored is None or "tokenizer_path" not in data_args:
+    if stored is None or "tokenization.path" not in data_args:
         return
-    given = data_args["tokenizer_path"]
+    given = data_args["tokenization.path"]
     if given is not None:       # a missing file is left to the datamodule, which names the key
         if Path(given).is_file() and Tokenizer.from_file(str(given)).to_str() != stored:
-            raise ValueError(f"data.tokenizer_path={given} is not the tokenizer stored with "
-                             f"{ckpt_path}; leave data.tokenizer_path unset to use that one")
+            raise ValueError(f"data.tokenization.path={given} is not the tokenizer stored with "
+                             f"{ckpt_path}; leave data.tokenization.path unset to use that one")
         return
     digest = hashlib.sha256(stored.encode("utf-8")).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / f"lightning_tfm-tokenizer-{digest}.json"
@@ -165,7 +165,7 @@ def _use_checkpoint_tokenizer(config: Any, ckpt_path: Path, stored: str | None) 
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         tmp.write_text(stored, encoding="utf-8")
         os.replace(tmp, target)
-    data_args["tokenizer_path"] = str(target)
+    data_args["tokenization.path"] = str(target)
 
 
 def average(args: list[str]) -> None:

@@ -111,7 +111,7 @@ def data_args(family: str, corpus: Path, out: Path, name: str) -> list[str]:
     paths = [f"{data}.train_path", str(corpus / "train.txt")] if family == "lm" else [
         f"{data}.train_path", str(corpus / "train"), f"{data}.val_path", str(corpus / "val"), f"{data}.test_path",
         "null"]
-    return [*paths, f"{data}.prepared_dir", str(out / "prepared" / name), f"{data}.tokenizer_dir",
+    return [*paths, f"{data}.prepared_dir", str(out / "prepared" / name), f"{data}.tokenization.save_dir",
             str(out / "tokenizers" / name), "--trainer.default_root_dir", str(out / "runs" / name)]
 
 
@@ -219,7 +219,7 @@ def loader_vs_model(family: str, name: str, corpus: Path, args: argparse.Namespa
         trainer.fit(module, train_dataloaders=DataLoader(batches[:args.model_steps + WARMUP], batch_size=None))
     loader_rate, model_rate = tokens / seconds, clock.tokens / clock.seconds
     return {"loader": {"batches": len(batches) - 1, "tokens": tokens, "seconds": seconds, "tok_s": loader_rate,
-                       "first_batch_s": first, "num_workers": datamodule.num_workers},
+                       "first_batch_s": first, "num_workers": datamodule.batching.num_workers},
             "model": {"steps": clock.steps, "tokens": clock.tokens, "seconds": clock.seconds, "tok_s": model_rate,
                       "parameters": sum(p.numel() for p in module.parameters()),
                       "device": str(trainer.strategy.root_device)},

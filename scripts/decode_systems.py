@@ -21,7 +21,7 @@ from race_score import Translator
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from lightning_tfm.data.batching import pad_batch
+from lightning_tfm.data.padding import pad_batch
 from lightning_tfm.data.readers import read_parallel
 from lightning_tfm.data.tokenizers import SpecialTokens, load_tokenizer, save_tokenizer, train_tokenizer
 from lightning_tfm.tasks.translation import translate

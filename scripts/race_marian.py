@@ -30,7 +30,8 @@ from race_score import Translator
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from lightning_tfm.data.batching import BucketBatchSampler, pad_batch
+from lightning_tfm.data.batching import BucketBatchSampler
+from lightning_tfm.data.padding import pad_batch
 from lightning_tfm.data.readers import read_parallel
 from lightning_tfm.data.tokenizers import SpecialTokens, special_token_ids
 

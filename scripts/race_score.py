@@ -22,7 +22,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from lightning_tfm.data.batching import pad_batch
+from lightning_tfm.data.padding import pad_batch
 from lightning_tfm.data.readers import read_parallel
 from lightning_tfm.tasks.translation import translate
 from lightning_tfm.viz.trained import load_trained

@@ -5,6 +5,7 @@ import functools
 
 import lightning as L
 import torch
+from datamodule_settings import build
 
 from lightning_tfm.blocks import LearnedPositions
 from lightning_tfm.callbacks import CompileModel, count_tokens
@@ -14,9 +15,9 @@ from lightning_tfm.tasks import LanguageModelModule
 
 
 def test_compile_model_compiles_the_network_in_place_and_training_runs(data, tmp_path):
-    datamodule = LanguageModelDataModule(train_path=str(data / "lm_train.txt"), tokenizer_kind="char",
-                                         tokenizer_dir=str(tmp_path / "tok"), block_size=16, batch_size=4,
-                                         batches_per_epoch=3)
+    datamodule = build(LanguageModelDataModule, train_path=str(data / "lm_train.txt"),
+                       tokenization={"kind": "char", "save_dir": str(tmp_path / "tok")}, block_size=16,
+                       batching={"batch_size": 4}, batches_per_epoch=3)
     network = functools.partial(DecoderOnly, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                                 positions=functools.partial(LearnedPositions, max_len=16))
     task = LanguageModelModule(network, datamodule.vocab_size)

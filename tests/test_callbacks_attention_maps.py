@@ -36,7 +36,8 @@ def run(data, tmp_path_factory) -> Path:
                   "--trainer.max_steps", 8, "--trainer.val_check_interval", 4, "--trainer.limit_val_batches", 1,
                   "--trainer.enable_progress_bar", "false", "--model.init_args.max_extra_len", 4,
                   "--data.train_path", data / "mt_train", "--data.val_path", data / "mt_val",
-                  "--data.tokenizer_vocab_size", 300, "--data.max_tokens", 256, extra_env={"WANDB_MODE": "offline"})
+                  "--data.tokenization.vocab_size", 300, "--data.batching.max_tokens", 256,
+                  extra_env={"WANDB_MODE": "offline"})
     return run
 
 

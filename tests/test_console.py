@@ -61,9 +61,9 @@ def test_lightning_pytree_deprecation_is_silenced_and_our_warnings_are_not():
         warnings.simplefilter("always")
         quiet_third_party()
         _tree_flatten(loaders)
-        rank_zero_warn("data.train: truncated 1 of 2 texts to data.max_len=8")
+        rank_zero_warn("data.train: truncated 1 of 2 texts to data.truncation.max_len=8")
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)   # same text, other module
-    assert [str(w.message) for w in caught] == ["data.train: truncated 1 of 2 texts to data.max_len=8",
+    assert [str(w.message) for w in caught] == ["data.train: truncated 1 of 2 texts to data.truncation.max_len=8",
                                                 "`isinstance(treespec, LeafSpec)` is deprecated"]
 
 
@@ -94,7 +94,7 @@ def test_wandb_logger_leaves_anonymous_out_unless_asked_for(tmp_path):
     assert anonymous._wandb_init["anonymous"] == "allow"
 
 
-@pytest.mark.parametrize("error", [ValueError("data.max_len=1, must be >= 3"),
+@pytest.mark.parametrize("error", [ValueError("data.truncation.max_len=1, must be >= 3"),
                                    FileNotFoundError("data.train_path=x.txt does not exist")])
 def test_a_user_error_is_one_line_on_stderr_and_exit_code_1(error, capsys, monkeypatch):
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)

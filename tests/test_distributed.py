@@ -35,7 +35,7 @@ def sst2_slices(data, tmp_path_factory) -> Path:
 
 def sst2_args(data: Path, slices: Path) -> dict:
     return {"train_path": str(data / "sst2_train.tsv"), "val_path": str(slices / "dev40.tsv"),
-            "tokenizer_vocab_size": 1000, "batch_size": 16}
+            "tokenization": {"vocab_size": 1000}, "batching": {"batch_size": 16}}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_ddp_bleu_is_corpus_bleu_of_the_whole_validation_set(data, tmp_path):
     run = tmp_path / "mt"
     # 24 validation pairs in batches of at most 128 padded tokens: an odd number of batches
     config = tiny_config(MT, tmp_path, run, {"train_path": str(data / "mt_train"), "val_path": str(data / "mt_val"),
-                                             "tokenizer_vocab_size": 1000, "max_tokens": 128},
+                                             "tokenization": {"vocab_size": 1000}, "batching": {"max_tokens": 128}},
                          max_steps=4, max_epochs=1, limit_train_batches=4, max_time=None)
     lightning_tfm("fit", "--config", config, *DDP, "--model.init_args.max_extra_len", 8, timeout=300)
     (logged,) = [r for r in metrics(run) if "val_bleu" in r]

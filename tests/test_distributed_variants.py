@@ -16,7 +16,7 @@ def test_auxiliary_losses_and_per_step_updates_agree_under_ddp_and_gradient_accu
     span = {"class_path": "lightning_tfm.blocks.attention_variants.AdaptiveSpanAttention",
             "init_args": {"max_span": 16, "ramp": 4, "init_span": 0.0, "span_penalty": 0.5}}
     data_args = {"train_path": str(data / "mt_train"), "val_path": str(data / "mt_val"),
-                 "tokenizer_vocab_size": 1000, "max_tokens": 256}
+                 "tokenization": {"vocab_size": 1000}, "batching": {"max_tokens": 256}}
     weights = {}
     for name, trainer, launch in (("ddp", {}, DDP), ("one", {"accumulate_grad_batches": 2}, ["--trainer.devices", 1])):
         run = tmp_path / name
@@ -41,7 +41,7 @@ def test_routing_centroids_identical_across_ddp_ranks(data, tmp_path):
     routing = {"class_path": "lightning_tfm.blocks.attention_variants.RoutingAttention",
                "init_args": {"n_clusters": 2, "window": 2, "decay": 0.5, "commitment": 0.01}}
     data_args = {"train_path": str(data / "mt_train"), "val_path": str(data / "mt_val"),
-                 "tokenizer_vocab_size": 1000, "max_tokens": 256}
+                 "tokenization": {"vocab_size": 1000}, "batching": {"max_tokens": 256}}
     run = tmp_path / "routing"
     config = tiny_config(MT, tmp_path, run, data_args, max_steps=3, max_epochs=1, limit_val_batches=0,
                          max_time=None, log_every_n_steps=1)

@@ -25,7 +25,7 @@ def lm_config(tmp_path: Path, run: Path, data: Path, *probes: dict) -> Path:
     model = config["model"]["init_args"]["model"]["init_args"]
     model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.1)
     model["positions"]["init_args"]["max_len"] = 32
-    config["data"]["init_args"].update(train_path=str(data / "lm_train.txt"), block_size=32, batch_size=8,
+    config["data"]["init_args"].update(train_path=str(data / "lm_train.txt"), block_size=32, batching={"batch_size": 8},
                                        batches_per_epoch=10)
     config["trainer"].update(default_root_dir=str(run), max_steps=20, limit_val_batches=4,
                              enable_progress_bar=False, enable_model_summary=False)

@@ -37,8 +37,8 @@ def test_fine_tuning_a_hugging_face_gpt2_starts_at_transformers_loss(data, tmp_p
                   "init_args": {"init_from": str(hf_dir),
                                 "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}}},
         "data": {"class_path": "lightning_tfm.data.LanguageModelDataModule",
-                 "init_args": {"train_path": str(data / "lm_train.txt"), "block_size": 32, "batch_size": 4,
-                               "batches_per_epoch": 2}},
+                 "init_args": {"train_path": str(data / "lm_train.txt"), "block_size": 32,
+                               "batching": {"batch_size": 4}, "batches_per_epoch": 2}},
         "trainer": {"default_root_dir": str(run), "max_steps": 2, "log_every_n_steps": 1,
                     "enable_progress_bar": False, "limit_val_batches": 0,
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -71,7 +71,7 @@ def test_pretrain_fine_tune_a_csv_with_lora_export_and_predict_without_the_run(d
     work.mkdir()
     lightning_tfm("fit", "--config", "configs/pretrain/sst2_mlm_small.yaml", "--trainer.default_root_dir",
                   work / "mlm", "--data.train_path", data / "sst2_train.tsv", "--data.val_path",
-                  data / "sst2_dev.tsv", "--data.tokenizer_vocab_size", 400, "--trainer.max_steps", 3,
+                  data / "sst2_dev.tsv", "--data.tokenization.vocab_size", 400, "--trainer.max_steps", 3,
                   "--trainer.val_check_interval", 3, "--trainer.enable_progress_bar", "false")
     train = reviews_csv(data / "sst2_train.tsv", work / "reviews_train.csv")
     dev = reviews_csv(data / "sst2_dev.tsv", work / "reviews_dev.csv")
@@ -117,7 +117,7 @@ def test_a_multi_label_jsonl_of_sentence_pairs_needs_only_settings(data, tmp_pat
     lightning_tfm("fit", "--config", "configs/classification/sst2_small.yaml", "--trainer.default_root_dir", run,
                   "--data.train_path", tmp_path / "train.jsonl", "--data.val_path", tmp_path / "dev.jsonl",
                   "--data.text_column", "premise", "--data.text_pair_column", "hypothesis",
-                  "--data.label_column", "topics", "--data.label_delimiter", ",", "--data.tokenizer_vocab_size", 300,
+                  "--data.label_column", "topics", "--data.label_delimiter", ",", "--data.tokenization.vocab_size", 300,
                   "--model.init_args.model.init_args.n_segments", 2,
                   "--trainer.max_steps", 3, "--trainer.val_check_interval", 3, "--trainer.enable_progress_bar",
                   "false", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",

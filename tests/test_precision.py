@@ -18,7 +18,7 @@ def fit_lm(data, run, *precision) -> list[dict[str, float]]:
     lightning_tfm("fit", "--config", LM, "--trainer.default_root_dir", run, *precision,
                   f"{MODEL}.d_model", 32, f"{MODEL}.n_layers", 1, f"{MODEL}.n_heads", 2, f"{MODEL}.d_ff", 64,
                   f"{MODEL}.positions.init_args.max_len", 32, "--data.train_path", data / "lm_train.txt",
-                  "--data.block_size", 32, "--data.batch_size", 8, "--data.batches_per_epoch", 20,
+                  "--data.block_size", 32, "--data.batching.batch_size", 8, "--data.batches_per_epoch", 20,
                   "--trainer.max_steps", 40, "--trainer.limit_val_batches", 4, "--trainer.enable_progress_bar",
                   "false", "--trainer.enable_model_summary", "false")
     return [r for r in metrics(run) if "val_loss" in r]

@@ -64,7 +64,7 @@ def test_variant_builds_the_attention_it_names(override, data, tmp_path, monkeyp
     assert spec["trainer"]["default_root_dir"] == f"runs/variants/{override.stem}"   # no two runs share a folder
     monkeypatch.chdir(ROOT)
     task = build(["--config", VARIANTS / f"{base}.yaml", "--config", override, "--trainer.default_root_dir",
-                  tmp_path, "--data.train_path", data / train, "--data.tokenizer_vocab_size", 500], monkeypatch)
+                  tmp_path, "--data.train_path", data / train, "--data.tokenization.vocab_size", 500], monkeypatch)
     layers = task.model.stack.layers
     model_args = spec["model"]["init_args"]["model"]["init_args"]
     assert [type(layer.attention).__name__ for layer in layers] == expected_attention(model_args, len(layers))

@@ -19,7 +19,7 @@ def test_fit_logs_config_hyperparameters_and_metrics_to_an_offline_run(data, tmp
     proc = lightning_tfm("fit", "--config", LM, "--trainer.default_root_dir", tmp_path, f"{MODEL}.d_model", 32,
                          f"{MODEL}.n_layers", 1, f"{MODEL}.n_heads", 2, f"{MODEL}.d_ff", 64,
                          f"{MODEL}.positions.init_args.max_len", 32, "--data.train_path", data / "lm_train.txt",
-                         "--data.block_size", 32, "--data.batch_size", 8, "--data.batches_per_epoch", 10,
+                         "--data.block_size", 32, "--data.batching.batch_size", 8, "--data.batches_per_epoch", 10,
                          "--trainer.max_steps", 20, "--trainer.limit_val_batches", 2, "--trainer.log_every_n_steps",
                          5, "--trainer.enable_progress_bar", "false", extra_env={"WANDB_MODE": "offline"})
     (run,) = offline_runs(tmp_path)                                     # one run per job

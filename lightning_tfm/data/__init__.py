@@ -1,6 +1,6 @@
 """Data: readers (files to records), tokenizers, batching, masked-LM masking and the LightningDataModules."""
 
-from lightning_tfm.data.batching import BucketBatchSampler, pad_batch, padded_length
+from lightning_tfm.data.batching import BucketBatchSampler
 from lightning_tfm.data.datamodules import (
                                             ClassificationDataModule,
                                             LanguageModelDataModule,
@@ -9,7 +9,9 @@ from lightning_tfm.data.datamodules import (
                                             TranslationDataModule,
 )
 from lightning_tfm.data.masking import IGNORE_INDEX, mask_tokens
+from lightning_tfm.data.padding import pad_batch, padded_length
 from lightning_tfm.data.readers import Row, is_table, read_lines, read_parallel, read_table, read_text, table_format
+from lightning_tfm.data.settings import Batching, Tokenization, Truncation
 from lightning_tfm.data.tokenizers import (
                                             SpecialIds,
                                             SpecialTokens,
@@ -21,8 +23,9 @@ from lightning_tfm.data.tokenizers import (
 )
 
 __all__ = [
-    "BucketBatchSampler", "ClassificationDataModule", "IGNORE_INDEX", "LanguageModelDataModule", "MaskedLMDataModule",
-    "Row", "SpecialIds", "SpecialTokens", "TextDataModule", "TokenizerKind", "TranslationDataModule", "is_table",
-    "load_tokenizer", "mask_tokens", "pad_batch", "padded_length", "read_lines", "read_parallel", "read_table",
-    "read_text", "save_tokenizer", "special_token_ids", "table_format", "train_tokenizer",
+    "Batching", "BucketBatchSampler", "ClassificationDataModule", "IGNORE_INDEX", "LanguageModelDataModule",
+    "MaskedLMDataModule", "Row", "SpecialIds", "SpecialTokens", "TextDataModule", "Tokenization", "TokenizerKind",
+    "TranslationDataModule", "Truncation", "is_table", "load_tokenizer", "mask_tokens", "pad_batch", "padded_length",
+    "read_lines", "read_parallel", "read_table", "read_text", "save_tokenizer", "special_token_ids", "table_format",
+    "train_tokenizer",
 ]

@@ -1,62 +1,71 @@
-"""Batching variable-length examples: length-bucketed batch sampling under a token budget, and padding.
+"""Batching variable-length examples: length-bucketed batch sampling under a token budget (padding is in
+`padding.py`).
 
 `BucketBatchSampler` follows fairseq's `--max-tokens` batching (Ott et al. 2019) and the paper's "batched
 together by approximate sequence length ... approximately 25000 source tokens and 25000 target tokens"
-(Vaswani et al. 2017, §5.1): examples are shuffled, sorted by length inside large pools (so similar lengths
-share a batch and padding stays small), packed up to a padded-token budget, and the batch order is shuffled.
-Everything depends only on (seed, epoch), so every DDP rank builds the same global list of batches, evened
-out to a multiple of the number of ranks by splitting batches (never by repeating them), and takes its own
-share: each example once per epoch, on one rank. `pad_batch` right-pads token lists into `(B, T)` tensors.
+(Vaswani et al. 2017, §5.1): examples are shuffled (by a keyed permutation evaluated a pool at a time, never
+stored), sorted by length inside large pools (so similar lengths share a batch and padding stays small), packed
+up to a padded-token budget, and the batch order is shuffled inside each pool. Everything depends only on (seed,
+epoch), so every DDP rank walks the same global stream of batches, evened out to a multiple of the number of ranks
+by splitting batches (never by repeating them), and takes its own share: each example once per epoch, on one rank.
+Besides the lengths it is given, the sampler holds O(pool_size + n / pool_size) memory, so corpora of tens of
+millions of examples cost no more than small ones. `pad_batch` right-pads token lists into `(B, T)` tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import warnings
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
 from torch.utils.data import Sampler
 
+from lightning_tfm.data.padding import padded_length
+from lightning_tfm.data.permutation import IndexPermutation, derive_seed
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers, e.g. (seed, epoch, rank).
+__all__ = ["BucketBatchSampler", "ResumableBatches", "derive_seed"]
 
-    Hashing instead of adding (torch's DistributedSampler uses seed + epoch) keeps runs with seeds 1 and 2
-    from replaying each other's epochs one epoch apart.
-    """
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+_MIN_POOL = 4096     # examples packed and shuffled together at least: pool_size=1 still packs across 4096 examples
+_SCAN = 2**16        # lengths read at a time when looking for the longest example: 1 MB of temporaries
 
 
-def padded_length(length: int, pad_to_multiple: int) -> int:
-    """`length` rounded up to a multiple of `pad_to_multiple` (tensor cores like multiples of 8)."""
-    return -(-length // pad_to_multiple) * pad_to_multiple
+def _as_lengths(lengths: Any, size: int | None) -> Any:
+    """`lengths` as something `len()` and numpy fancy indexing work on, never copying an array or a lazy view."""
+    if lengths is None:
+        if size is None or size < 0:
+            raise ValueError(f"BucketBatchSampler: lengths=None needs size >= 0 (every example of length 1), "
+                             f"got size={size}")
+        return np.broadcast_to(np.int64(1), (size,))   # a read-only view of one int: no array of ones
+    if isinstance(lengths, (list, tuple)):
+        return np.asarray(lengths, dtype=np.int64)   # already in memory, and an array takes 8 bytes an example
+    return lengths
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, pad_to_multiple: int = 8) -> tuple[Tensor, Tensor]:
-    """Right-pad token id lists to a common length.
+def _longest(lengths: Any) -> tuple[int, int]:
+    """(index, length) of the first longest example, reading `lengths` a chunk at a time (it may be lazy)."""
+    best, n = (-1, 0), len(lengths)
+    for start in range(0, n, _SCAN):
+        chunk = np.asarray(lengths[np.arange(start, min(start + _SCAN, n))])
+        index = int(chunk.argmax())
+        best = max(best, (int(chunk[index]), -(start + index)))   # the longest, then the first of them
+    return -best[1], best[0]
 
-    Args:
-        sequences: B lists of token ids, each non-empty.
-        pad_id: id written into padding positions.
-        pad_to_multiple: T is the longest length rounded up to a multiple of this (1 = no rounding).
 
-    Returns:
-        ids (B, T) int64 and mask (B, T) bool, True at real tokens and False at padding.
-    """
-    if pad_to_multiple < 1:
-        raise ValueError(f"pad_batch: pad_to_multiple={pad_to_multiple}, must be >= 1")
-    lengths = torch.tensor([len(s) for s in sequences])                              # (B,)
-    width = padded_length(int(lengths.max()), pad_to_multiple)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)             # (B, T)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    mask = torch.arange(width)[None, :] < lengths[:, None]                          # (B, T)
-    return ids, mask
+def _check_arguments(max_tokens: int | None, batch_size: int | None, pool_size: int, pad_to_multiple: int,
+                     num_replicas: int, rank: int) -> None:
+    """Raise on `BucketBatchSampler` arguments no epoch can be built from, naming them."""
+    if max_tokens is None and batch_size is None:
+        raise ValueError("BucketBatchSampler: set max_tokens, batch_size or both; both are None")
+    if max_tokens is not None and max_tokens < 1 or batch_size is not None and batch_size < 1:
+        raise ValueError(f"BucketBatchSampler: max_tokens={max_tokens}, batch_size={batch_size}; "
+                         "each must be >= 1 or None")
+    if pool_size < 1 or pad_to_multiple < 1:
+        raise ValueError(f"BucketBatchSampler: pool_size={pool_size}, pad_to_multiple={pad_to_multiple}; "
+                         "both must be >= 1")
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"BucketBatchSampler: rank={rank}, num_replicas={num_replicas}; "
+                         "need num_replicas >= 1 and 0 <= rank < num_replicas")
 
 
 class _EpochHandle:
@@ -77,26 +86,32 @@ class _EpochHandle:
 class BucketBatchSampler(Sampler[list[int]]):
     """Yields lists of example indices: length-bucketed batches under a token budget and/or a size cap.
 
-    Per epoch: permute the indices (seeded by seed and epoch), cut the permutation into pools of `pool_size`, sort each
-    pool by length (stable), pack the concatenated pools into batches in order, then permute the batches.
-    A batch closes before an example that would push its padded size, `len(batch) * padded(longest)`, over
-    `max_tokens`, or its size over `batch_size`. With `max_tokens=None` every batch but the last has exactly
-    `batch_size` examples (the fixed-size option). `pool_size=1` turns bucketing off.
+    Per epoch: order the indices by a permutation keyed by (seed, epoch), cut that order into pools of whole
+    `pool_size` runs, at least 4096 positions each (the last pool takes the remainder, so it is never small), sort
+    each run by length (stable; a pool's last run takes its remainder), pack each pool greedily into batches and
+    shuffle the pool's batches (seeded by seed, epoch and pool). Pools are random samples of the corpus, so this
+    mixes batches as a global shuffle would, with one pool's batches in memory at a time. A batch closes before
+    an example that would push its padded size, `len(batch) * padded(longest)`, over `max_tokens`, or its size
+    over `batch_size`. With `max_tokens=None` every batch but the last of each pool has exactly `batch_size`
+    examples (the fixed-size option). `pool_size=1` turns bucketing off.
 
-    Under DDP (`num_replicas > 1`) rank r takes batches r, r + R, r + 2R, ... of the global list, after that
-    list is evened out to a multiple of R by splitting: while the count does not divide by R, the batch with
-    the most examples (the last of them on a tie) is cut in two, in its length order; the first half, one
-    example larger on an odd size, keeps its place and the second goes to the end of the list. So every rank
-    gets the same number of batches (no rank waits forever in a collective), an epoch holds each example
-    exactly once across ranks (nothing is repeated, so evaluation needs no de-duplication), and every batch
-    but the split ones keeps the place it has for one process: DDP steps see the batches one process would
-    accumulate, and masked LM draws the same masks for them. When the examples are too few to split into a
-    multiple of R batches (e.g. `batch_size=1` and 5 examples on 4 ranks), the batches with the fewest padded
-    tokens are merged instead, with a warning: those may exceed `max_tokens`/`batch_size`. A split with fewer
-    examples than R raises, since a rank cannot get an empty batch.
+    Under DDP (`num_replicas > 1`) rank r takes batches r, r + R, r + 2R, ... of the global stream, after the
+    last pool's batches are evened out so that the total divides by R, by splitting: while it does not, the last
+    pool's batch with the most examples (the last of them on a tie) is cut in two, in its length order; the first
+    half, one example larger on an odd size, keeps its place and the second goes to the end of the epoch. So every
+    rank gets the same number of batches (no rank waits forever in a collective), an epoch holds each example
+    exactly once across ranks (nothing is repeated, so evaluation needs no de-duplication), and every batch but
+    the split ones keeps the place it has for one process: DDP steps see the batches one process would
+    accumulate, and masked LM draws the same masks for them. When the last pool has too few examples to split
+    that far (e.g. `batch_size=1` and 5 examples on 4 ranks), its batches with the fewest padded tokens are
+    merged instead, with a warning: those may exceed `max_tokens`/`batch_size`. A split with fewer examples than
+    R raises, since a rank cannot get an empty batch.
 
     Args:
-        lengths: one length per example (for a translation pair, the longer of source and target).
+        lengths: one length per example (for a translation pair, the longer of source and target): a list, a
+            numpy array, or any object with `len()` whose `lengths[np.ndarray of int64]` gives a numpy array
+            (e.g. a lazy view over memory-mapped offsets); it is read a pool at a time, never copied whole.
+            None means every example has length 1 and needs `size`.
         max_tokens: budget of padded tokens per batch; None for fixed-size batches.
         batch_size: most examples per batch; None for no cap (then `max_tokens` is required).
         shuffle: shuffle within and across pools and shuffle the batch order; False keeps index order
@@ -106,41 +121,33 @@ class BucketBatchSampler(Sampler[list[int]]):
         pad_to_multiple: the collate function's padding multiple, so the budget counts what is allocated.
         num_replicas: number of DDP processes.
         rank: this process, in [0, num_replicas).
+        size: the number of examples when `lengths` is None.
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int | None = None, batch_size: int | None = None,
-                 shuffle: bool = True, seed: int = 0, pool_size: int = 16384, pad_to_multiple: int = 8,
-                 num_replicas: int = 1, rank: int = 0) -> None:
-        if max_tokens is None and batch_size is None:
-            raise ValueError("BucketBatchSampler: set max_tokens, batch_size or both; both are None")
-        if max_tokens is not None and max_tokens < 1 or batch_size is not None and batch_size < 1:
-            raise ValueError(f"BucketBatchSampler: max_tokens={max_tokens}, batch_size={batch_size}; "
-                             "each must be >= 1 or None")
-        if pool_size < 1 or pad_to_multiple < 1:
-            raise ValueError(f"BucketBatchSampler: pool_size={pool_size}, pad_to_multiple={pad_to_multiple}; "
-                             "both must be >= 1")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"BucketBatchSampler: rank={rank}, num_replicas={num_replicas}; "
-                             "need num_replicas >= 1 and 0 <= rank < num_replicas")
-        if len(lengths) == 0:
+    def __init__(self, lengths: Sequence[int] | np.ndarray | None, max_tokens: int | None = None,
+                 batch_size: int | None = None, shuffle: bool = True, seed: int = 0, pool_size: int = 16384,
+                 pad_to_multiple: int = 8, num_replicas: int = 1, rank: int = 0, size: int | None = None) -> None:
+        _check_arguments(max_tokens, batch_size, pool_size, pad_to_multiple, num_replicas, rank)
+        self.lengths = _as_lengths(lengths, size)
+        if len(self.lengths) == 0:
             raise ValueError("BucketBatchSampler: lengths is empty; the split has no examples")
-        if len(lengths) < num_replicas:
-            raise ValueError(f"BucketBatchSampler: the split has {len(lengths)} examples, fewer than the "
+        if len(self.lengths) < num_replicas:
+            raise ValueError(f"BucketBatchSampler: the split has {len(self.lengths)} examples, fewer than the "
                              f"{num_replicas} DDP processes (num_replicas); every process needs at least one "
                              "batch: run on fewer devices or add examples")
-        self.lengths = np.asarray(lengths, dtype=np.int64)   # an array, not a list: 8 bytes an example
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.shuffle, self.seed, self.pool_size = shuffle, seed, pool_size
         self.pad_to_multiple = pad_to_multiple
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.sampler = _EpochHandle(self)
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._pool = pool_size * -(-_MIN_POOL // pool_size)       # whole sort runs, at least _MIN_POOL examples
+        self._counts: tuple[int, np.ndarray] | None = None        # (epoch, batches per pool): n / pool ints
         if max_tokens is not None:
-            longest = int(self.lengths.argmax())
-            need = padded_length(int(self.lengths[longest]), pad_to_multiple)
+            longest, length = _longest(self.lengths)
+            need = padded_length(length, pad_to_multiple)
             if need > max_tokens:
-                raise ValueError(f"BucketBatchSampler: example {longest} has {self.lengths[longest]} tokens "
+                raise ValueError(f"BucketBatchSampler: example {longest} has {length} tokens "
                                  f"({need} padded to a multiple of {pad_to_multiple}), more than "
                                  f"max_tokens={max_tokens}; raise max_tokens or lower max_len")
 
@@ -148,60 +155,109 @@ class BucketBatchSampler(Sampler[list[int]]):
         """Pick the epoch whose order to produce; Lightning calls it (through `self.sampler`) every epoch."""
         self.epoch = epoch
 
-    def global_batches(self) -> list[np.ndarray]:
-        """All ranks' batches for the current epoch, a multiple of `num_replicas` of them (each index once)."""
-        if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._even_out(self._build(self.epoch)))
-        return self._cache[1]
-
-    def rank_batches(self) -> list[np.ndarray]:
-        """This rank's batches for the current epoch: global batches rank, rank + R, rank + 2R, ..."""
-        return self.global_batches()[self.rank::self.num_replicas]
+    def __len__(self) -> int:
+        return int(self._pool_counts().sum()) // self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
-        return (batch.tolist() for batch in self.rank_batches())
+        return self.iter_from(0)
 
-    def __len__(self) -> int:
-        return len(self.global_batches()) // self.num_replicas
+    def iter_from(self, batches_done: int) -> Iterator[list[int]]:
+        """This rank's batches of the current epoch after its first `batches_done`, without building the
+        pools before them (`ResumableBatches` resumes a mid-epoch checkpoint with it)."""
+        first = self.rank + batches_done * self.num_replicas
+        stream = self.iter_global_batches(first)
+        return (batch.tolist() for batch in itertools.islice(stream, 0, None, self.num_replicas))
 
-    def _build(self, epoch: int) -> list[np.ndarray]:
-        # the epoch's order is one int64 array and its batches views of it: 8-16 bytes an example, where lists
-        # of Python ints took about 70
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+    def iter_global_batches(self, start: int = 0) -> Iterator[np.ndarray]:
+        """All ranks' batches of the current epoch from global batch `start` on (batch i is rank i % R's), one
+        pool in memory at a time; the pools before `start`'s are skipped using their cached batch counts."""
+        counts = self._pool_counts()
+        ends = np.cumsum(counts)
+        pool = int(np.searchsorted(ends, start, side="right"))
+        skip = start - (int(ends[pool - 1]) if pool else 0)
+        return self._stream(self.epoch, counts, pool, skip)     # the epoch is fixed now, not at the first next()
+
+    def _stream(self, epoch: int, counts: np.ndarray, pool: int, skip: int) -> Iterator[np.ndarray]:
+        for p in range(pool, len(counts)):
+            batches = self._pool_batches(epoch, p)
+            if p == len(counts) - 1:
+                batches = self._even_out(batches, int(counts[p]))
+            yield from batches[skip:]
+            skip = 0
+
+    def _pool_counts(self) -> np.ndarray:
+        """Batches per pool this epoch, the last pool's after evening out: one pass over the pools, cached."""
+        if self._counts is None or self._counts[0] != self.epoch:
+            n_pools = max(1, len(self.lengths) // self._pool)
+            counts = np.array([len(self._batch_starts(self._pool_order(self.epoch, p)[1])) for p in range(n_pools)])
+            self._counts = (self.epoch, self._even_counts(counts))
+        return self._counts[1]
+
+    def _pool_order(self, epoch: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of pool `pool`, each `pool_size` run sorted by length (stable), and their lengths."""
         n = len(self.lengths)
-        order = torch.randperm(n, generator=generator).numpy() if self.shuffle else np.arange(n)
-        for start in range(0, n, self.pool_size):
-            pool = order[start:start + self.pool_size]
-            pool[:] = pool[np.argsort(self.lengths[pool], kind="stable")]
-        batches = np.split(order, self._batch_starts(self.lengths[order]))
+        start = pool * self._pool
+        stop = n if start + 2 * self._pool > n else start + self._pool   # the last pool takes the remainder
+        index = np.arange(start, stop)
         if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+            index = IndexPermutation(n, derive_seed(self.seed, epoch))(index)
+        lengths = np.asarray(self.lengths[index], dtype=np.int64)
+        runs = np.minimum(np.arange(len(index)) // self.pool_size, max(0, len(index) // self.pool_size - 1))
+        order = np.lexsort((lengths, runs))       # by run, then by length; lexsort is stable
+        return index[order], lengths[order]
+
+    def _pool_batches(self, epoch: int, pool: int) -> list[np.ndarray]:
+        index, lengths = self._pool_order(epoch, pool)
+        batches = np.split(index, self._batch_starts(lengths)[1:])
+        if self.shuffle:
+            order = np.random.default_rng(derive_seed(self.seed, epoch, pool)).permutation(len(batches))
+            batches = [batches[i] for i in order]
         return batches
 
-    def _batch_starts(self, lengths: np.ndarray) -> list[int]:
-        """Positions in the bucketed order where a batch other than the first starts (greedy packing)."""
-        starts, size, longest = [], 0, 0
-        for position, length in enumerate(lengths.tolist()):
-            grown = max(longest, length)
-            over_budget = (self.max_tokens is not None
-                           and (size + 1) * padded_length(grown, self.pad_to_multiple) > self.max_tokens)
-            full = self.batch_size is not None and size == self.batch_size
-            if size and (over_budget or full):
-                starts.append(position)
-                size, grown = 0, length
-            size, longest = size + 1, grown
-        return starts
+    def _batch_starts(self, lengths: np.ndarray) -> np.ndarray:
+        """Where each batch starts in a pool with these lengths (in the pool's order), packing greedily.
 
-    def _even_out(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """`batches` split (or, when too few examples allow no split, merged) until their count divides by
-        `num_replicas`, so the ranks get equal shares without any batch repeated; see the class docstring."""
-        R, n = self.num_replicas, len(self.lengths)
-        target = -(-len(batches) // R) * R
-        if target > n:                       # not enough examples to split that far: merge down instead
-            target = n // R * R
-            warnings.warn(f"BucketBatchSampler: {n} examples in {len(batches)} batches cannot be split into a "
-                          f"multiple of num_replicas={R}; merging the smallest batches, which may then exceed "
-                          f"max_tokens={self.max_tokens}/batch_size={self.batch_size}", stacklevel=2)
+        Example j holds at most cap_j = min(batch_size, max_tokens // padded(length_j)) examples in its batch, so
+        a batch from s ends at the least max(j, s + cap_j) over j >= s. Walking runs of equal cap (a few dozen in
+        a sorted pool) instead of single examples keeps the Python loop short.
+        """
+        cap = np.full(len(lengths), self.batch_size or len(lengths), dtype=np.int64)
+        if self.max_tokens is not None:
+            padded = -(-lengths // self.pad_to_multiple) * self.pad_to_multiple
+            cap = np.minimum(cap, self.max_tokens // np.maximum(padded, 1))
+        bounds = [0, *(np.flatnonzero(np.diff(cap)) + 1).tolist(), len(cap)]
+        starts, start, end = [np.zeros(1, dtype=np.int64)], 0, int(cap[0])   # end: where the open batch must close
+        for first, stop, c in zip(bounds[:-1], bounds[1:], cap[bounds[:-1]].tolist()):
+            end = min(end, max(first, start + c))
+            if end < stop:                       # the open batch closes inside this run; the run's rest packs by c
+                new = np.arange(end, stop, c)
+                starts.append(new)
+                start = int(new[-1])
+                end = start + c
+        return np.concatenate(starts)
+
+    def _even_counts(self, counts: np.ndarray) -> np.ndarray:
+        """`counts` with the last pool's count raised (splits) or, when it has too few examples, lowered
+        (merges) until the total divides by `num_replicas`."""
+        R, total, last = self.num_replicas, int(counts.sum()), int(counts[-1])
+        target = -(-total // R) * R
+        examples = len(self.lengths) - (len(counts) - 1) * self._pool
+        if last + target - total > examples:   # not enough examples to split that far: merge down instead
+            target = total // R * R
+            if last + target - total < 1:
+                raise ValueError(f"BucketBatchSampler: the last pool's {last} batches cannot absorb the "
+                                 f"{total - target} merges that {total} batches on {R} processes need; "
+                                 "raise pool_size or run on fewer devices")
+            warnings.warn(f"BucketBatchSampler: splitting the last pool's {last} batches of {examples} examples "
+                          f"cannot make {total} batches a multiple of num_replicas={R}; merging its smallest "
+                          f"batches, which may then exceed max_tokens={self.max_tokens}/batch_size={self.batch_size}",
+                          stacklevel=3)
+        counts = counts.copy()
+        counts[-1] += target - total
+        return counts
+
+    def _even_out(self, batches: list[np.ndarray], target: int) -> list[np.ndarray]:
+        """The last pool's `batches` split (or merged) to `target` of them; see the class docstring."""
         batches = list(batches)
         while len(batches) < target:
             k = max(reversed(range(len(batches))), key=lambda i: len(batches[i]))   # the last of the largest
@@ -215,7 +271,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def _padded_tokens(self, batch: np.ndarray) -> int:
-        return len(batch) * padded_length(int(self.lengths[batch].max()), self.pad_to_multiple)
+        return len(batch) * padded_length(int(np.max(self.lengths[batch])), self.pad_to_multiple)
 
 
 class ResumableBatches(Sampler[list[int]]):
@@ -248,6 +304,8 @@ class ResumableBatches(Sampler[list[int]]):
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start, self._resume = self._resume[1], None
+        if hasattr(self.batches, "iter_from"):    # a BucketBatchSampler skips whole pools without building them
+            return self.batches.iter_from(start)
         return itertools.islice(iter(self.batches), start, None)
 
     def __len__(self) -> int:

@@ -137,6 +137,37 @@ class Rows:
         return np.diff(np.asarray(self.offsets[start:(len(self) if stop is None else stop) + 1]))
 
 
+
+class RowLengths:
+    """Each example's length over one or more fields of prepared rows, read from their offsets indexes only where
+    asked: `lengths[indices]` for an int64 array of example indices. The batch sampler reads it a pool at a time,
+    so no array of one length per example is ever held, however large the corpus.
+
+    Args:
+        rows: the fields whose lengths make an example's (a translation pair's source and target).
+        combine: how two fields' lengths combine: `np.maximum` (the longer side, a translation pair's batch budget)
+            or `np.add` (a text pair read as one input).
+    """
+
+    def __init__(self, *rows: Rows, combine: Any = np.add) -> None:
+        self.rows, self.combine = rows, combine
+
+    def __len__(self) -> int:
+        return len(self.rows[0])
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = None
+        for rows in self.rows:
+            lengths = rows.offsets[indices + 1] - rows.offsets[indices]
+            out = lengths if out is None else self.combine(out, lengths)
+        return np.asarray(out, dtype=np.int64)
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        # every length at once defeats the point: fail loudly rather than hold the corpus's worth of int64s
+        raise TypeError("RowLengths is read a pool at a time (lengths[indices]); it is never turned into one array")
+
+
 LENGTH_EDGES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 

@@ -67,7 +67,7 @@ def _config(checkpoint: dict[str, Any], hparams: dict[str, Any], output: Path) -
     data = checkpoint.get("data_config")
     if data is not None:
         data = {"class_path": data["class_path"], "init_args": dict(data.get("init_args") or {})}
-        data["init_args"]["tokenizer_path"] = None
+        data["init_args"]["tokenization"] = {**(data["init_args"].get("tokenization") or {}), "path": None}
         if checkpoint.get("label_names") is not None and "label_column" in data["init_args"]:
             data["init_args"]["label_names"] = list(checkpoint["label_names"])
         config["data"] = data

@@ -76,6 +76,6 @@ def _mismatch_message(source: PretrainedSource, mismatched: list[str]) -> str:
             "source's own)")
     if any("embedding.tokens" in m for m in mismatched):
         hint = (f"the source's vocabulary has {source.vocab_size} tokens: fine-tune with the tokenizer stored in "
-                "the source (leave data.tokenizer_path unset and the CLI uses it)")
+                "the source (leave data.tokenization.path unset and the CLI uses it)")
     shown = "; ".join(mismatched[:5]) + (f"; and {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
     return f"init_from {source.path}: the backbone does not match the source: {shown}. {hint}"

@@ -88,7 +88,7 @@ class TaskModule(L.LightningModule):
         if vocab_size > (self._source.vocab_size or vocab_size):
             raise ValueError(f"{name}: the data's tokenizer has {vocab_size} tokens but init_from "
                              f"{self._source.path} has {self._source.vocab_size}; fine-tune with the source's "
-                             "tokenizer (leave data.tokenizer_path unset and the CLI uses it)")
+                             "tokenizer (leave data.tokenization.path unset and the CLI uses it)")
         self.hparams["model"] = self._source.architecture
         return self._source.build(self._source.vocab_size or vocab_size)
 
@@ -151,7 +151,7 @@ class TaskModule(L.LightningModule):
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             if self.pretrained_from and self.tokenizer and self.tokenizer.to_str() != datamodule.tokenizer.to_str():
                 raise ValueError(f"the data's tokenizer is not the one stored with init_from {self.pretrained_from}; "
-                                 "leave data.tokenizer_path unset so the CLI uses the source's tokenizer")
+                                 "leave data.tokenization.path unset so the CLI uses the source's tokenizer")
             self.tokenizer = datamodule.tokenizer
             self.check_data(datamodule)
         if self.tokenizer is None:

@@ -108,10 +108,11 @@ class MaskedLanguageModelModule(TaskModule):
 
     def check_data(self, datamodule: Any) -> None:
         super().check_data(datamodule)
-        max_len = getattr(datamodule, "max_len", None)
-        if max_len is not None and max_len > self.model.max_len:
-            raise ValueError(f"data.max_len={max_len} is longer than the model's positions (max_len="
-                             f"{self.model.max_len}); lower data.max_len or raise the positions' max_len")
+        truncation = getattr(datamodule, "truncation", None)
+        if truncation is not None and truncation.max_len > self.model.max_len:
+            raise ValueError(f"data.truncation.max_len={truncation.max_len} is longer than the model's positions "
+                             f"(max_len={self.model.max_len}); lower data.truncation.max_len or raise the positions' "
+                             "max_len")
         specials = datamodule.special_ids
         self.mask_id, self.special_ids = specials.mask, specials.all()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lightning_tfm.callbacks import count_tokens
 from lightning_tfm.data.datamodules import ClassificationDataModule, LanguageModelDataModule, TranslationDataModule
+from lightning_tfm.data.settings import Batching, Tokenization, Truncation
 
 from .timing import Bench, Record
 
@@ -21,14 +22,16 @@ def bench_data(b: Bench, data: Path, training: dict[str, float], repeats: int) -
     lm_batches = max(1, int(0.9 * shakespeare.stat().st_size) // (s.batch * s.seq))   # the 90% split about once
     corpora = {
         "decoder": ("tiny_shakespeare char", lambda tok, d: LanguageModelDataModule(
-            str(shakespeare), block_size=s.seq, batch_size=s.batch, tokenizer_path=tok, tokenizer_dir=d,
-            batches_per_epoch=lm_batches)),
+            str(shakespeare), block_size=s.seq, batches_per_epoch=lm_batches,
+            tokenization=Tokenization(path=tok, save_dir=d, kind="char"), batching=Batching(batch_size=s.batch))),
         "classifier": ("sst2 bpe", lambda tok, d: ClassificationDataModule(
-            str(data / "sst2/train.tsv"), val_path=None, max_len=s.cls_seq, batch_size=s.batch,
-            tokenizer_path=tok, tokenizer_dir=d, tokenizer_vocab_size=s.vocab)),
+            str(data / "sst2/train.tsv"), val_path=None, tokenization=Tokenization(tok, d, vocab_size=s.vocab),
+            batching=Batching(batch_size=s.batch), truncation=Truncation(s.cls_seq, longer="cut"))),
         "seq2seq": ("multi30k bpe", lambda tok, d: TranslationDataModule(
-            str(data / "multi30k/train"), val_path=None, test_path=None, max_tokens=max(s.batch * s.seq, 256),
-            tokenizer_path=tok, tokenizer_dir=d, tokenizer_vocab_size=s.vocab)),
+            str(data / "multi30k/train"), val_path=None, test_path=None,
+            tokenization=Tokenization(tok, d, vocab_size=s.vocab),
+            batching=Batching(max_tokens=max(s.batch * s.seq, 256), batch_size=None),
+            truncation=Truncation(max_len=256))),
     }
     with tempfile.TemporaryDirectory() as tmp:
         for family, (corpus, make) in corpora.items():

@@ -20,7 +20,8 @@ def sst2_run(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("sst2")
     lightning_tfm("fit", "--config", SST2, "--trainer.default_root_dir", run, *TINY,
                   "--data.train_path", data / "sst2_train.tsv", "--data.val_path", data / "sst2_dev.tsv",
-                  "--data.tokenizer_vocab_size", 1000, "--data.batch_size", 32, "--trainer.val_check_interval", 10)
+                  "--data.tokenization.vocab_size", 1000, "--data.batching.batch_size", 32,
+                  "--trainer.val_check_interval", 10)
     return run
 
 
@@ -35,8 +36,8 @@ def test_classification_fit_logs_accuracy_and_f1(sst2_run):
 def test_classification_test_from_checkpoint_reproduces_best_val_acc(data, sst2_run, tmp_path):
     lightning_tfm("test", "--config", SST2, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
                   sst2_run / "checkpoints/best.ckpt", "--data.train_path", data / "sst2_train.tsv",
-                  "--data.test_path", data / "sst2_dev.tsv", "--data.tokenizer_vocab_size", 300,
-                  "--data.batch_size", 32, "--trainer.enable_progress_bar", "false")
+                  "--data.test_path", data / "sst2_dev.tsv", "--data.tokenization.vocab_size", 300,
+                  "--data.batching.batch_size", 32, "--trainer.enable_progress_bar", "false")
     (row,) = metrics(tmp_path)
     assert row["test_acc"] == pytest.approx(best_score(sst2_run / "checkpoints/best.ckpt"), abs=1e-6)
     assert 0 <= row["test_f1"] <= 1

@@ -60,6 +60,6 @@ def test_validation_label_unseen_in_training_names_file_and_line(tmp_path):
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine \t1\nso so \tneutral\n", encoding="utf-8")
     proc = lightning_tfm("fit", "--config", SST2, "--trainer.default_root_dir", tmp_path, *TINY,
                          "--data.train_path", tmp_path / "train.tsv", "--data.val_path", tmp_path / "dev.tsv",
-                         "--data.tokenizer_vocab_size", 100, ok=False)
+                         "--data.tokenization.vocab_size", 100, ok=False)
     assert error_line(proc).startswith(f"ValueError: {tmp_path / 'dev.tsv'}:3: label 'neutral' is not one of the "
                                       "known labels ['0', '1']")

@@ -27,7 +27,7 @@ from lightning_tfm.data import train_tokenizer
 def lm_fit_args(data: Path, run: Path) -> list:
     return ["fit", "--config", LM, "--trainer.default_root_dir", run, *TINY,
             f"{MODEL}.positions.init_args.max_len", 32, "--model.init_args.max_new_tokens", 20,
-            "--data.train_path", data / "lm_train.txt", "--data.block_size", 32, "--data.batch_size", 8,
+            "--data.train_path", data / "lm_train.txt", "--data.block_size", 32, "--data.batching.batch_size", 8,
             "--data.batches_per_epoch", 10, "--trainer.limit_val_batches", 4]
 
 
@@ -76,7 +76,7 @@ def test_lm_test_from_checkpoint_reproduces_best_val_loss(data, lm_run, tmp_path
     # No training file at all: the tokenizer can only come from the checkpoint.
     lightning_tfm("test", "--config", LM, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
                   lm_run / "checkpoints/best.ckpt", "--data.train_path", tmp_path / "absent.txt",
-                  "--data.test_path", data / "lm_val.txt", "--data.block_size", 32, "--data.batch_size", 8,
+                  "--data.test_path", data / "lm_val.txt", "--data.block_size", 32, "--data.batching.batch_size", 8,
                   "--trainer.limit_test_batches", 4, "--trainer.enable_progress_bar", "false")
     (row,) = metrics(tmp_path)
     assert row["test_loss"] == pytest.approx(best_score(lm_run / "checkpoints/best.ckpt"), rel=1e-6)
@@ -90,8 +90,8 @@ def test_lm_predict_continues_each_prompt(data, lm_run, tmp_path):
     out = tmp_path / "out" / "generated.txt"
     lightning_tfm("predict", "--config", LM, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
                   lm_run / "checkpoints/best.ckpt", "--data.predict_path", tmp_path / "prompts.txt",
-                  "--data.tokenizer_path", lm_run / "tokenizer/tokenizer.json",   # the checkpoint's own: accepted
-                  "--data.batch_size", 2, "--predictions.path", out, "--trainer.enable_progress_bar", "false")
+                  "--data.tokenization.path", lm_run / "tokenizer/tokenizer.json",   # the checkpoint's own: accepted
+                  "--data.batching.batch_size", 2, "--predictions.path", out, "--trainer.enable_progress_bar", "false")
     lines = out.read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) - 1 == len(prompts)
     alphabet = set((data / "lm_train.txt").read_text(encoding="utf-8")[:36_000])
@@ -108,9 +108,10 @@ def test_explicit_tokenizer_other_than_the_checkpoints_is_an_error(data, lm_run,
     train_tokenizer([(data / "sst2_train.tsv").read_text(encoding="utf-8")], "char").save(str(other))
     proc = in_process("test", "--config", LM, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
                       lm_run / "checkpoints/best.ckpt", "--data.test_path", data / "lm_val.txt",
-                      "--data.tokenizer_path", other, ok=False)
-    assert re.fullmatch(rf"ValueError: data\.tokenizer_path={re.escape(str(other))} is not the tokenizer stored with "
-                        r".*best\.ckpt; leave data\.tokenizer_path unset .*", error_line(proc))
+                      "--data.tokenization.path", other, ok=False)
+    assert re.fullmatch(rf"ValueError: data\.tokenization\.path={re.escape(str(other))} is not the tokenizer "
+                        r"stored with "
+                        r".*best\.ckpt; leave data\.tokenization\.path unset .*", error_line(proc))
 
 
 def test_print_config_fed_back_gives_the_same_run(data, lm_run, in_process, tmp_path):

@@ -24,17 +24,18 @@ def mt_run(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("mt")
     lightning_tfm("fit", "--config", MT, "--trainer.default_root_dir", run, *TINY,
                   "--model.init_args.max_extra_len", 8, "--data.train_path", data / "mt_train",
-                  "--data.val_path", data / "mt_val", "--data.tokenizer_vocab_size", 1000, "--data.max_tokens", 512,
+                  "--data.val_path", data / "mt_val", "--data.tokenization.vocab_size", 1000,
+                  "--data.batching.max_tokens", 512,
                   "--trainer.limit_train_batches", 10, "--data.prepared_dir", run / "prepared")
     return run
 
 
 def test_prepare_command_finds_the_rows_fit_prepared_and_refuses_a_changed_setting(data, mt_run, in_process):
     args = ["prepare", "--config", MT, "--trainer.default_root_dir", mt_run, "--data.train_path", data / "mt_train",
-            "--data.val_path", data / "mt_val", "--data.tokenizer_vocab_size", 1000,
+            "--data.val_path", data / "mt_val", "--data.tokenization.vocab_size", 1000,
             "--data.prepared_dir", mt_run / "prepared"]
     assert in_process(*args).stdout.strip() == f"{mt_run / 'prepared' / 'manifest.json'}: up to date, nothing to do"
-    proc = in_process(*args, "--data.max_len", 100, ok=False)
+    proc = in_process(*args, "--data.truncation.max_len", 100, ok=False)
     assert proc.returncode == 1 and re.search(r"max_len 256 -> 100; rerun with --rebuild", proc.stderr)
     assert "Traceback" not in proc.stderr
     proc = in_process(*args[:-2], ok=False)
@@ -52,7 +53,7 @@ def test_translation_test_uses_the_checkpoint_tokenizer(data, mt_run, tmp_path):
     # Another vocabulary size and a fresh folder would train another tokenizer; the checkpoint's must win.
     lightning_tfm("test", "--config", MT, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
                   mt_run / "checkpoints/best.ckpt", "--data.test_path", data / "mt_val",
-                  "--data.tokenizer_vocab_size", 500, "--data.max_tokens", 512,
+                  "--data.tokenization.vocab_size", 500, "--data.batching.max_tokens", 512,
                   "--trainer.enable_progress_bar", "false")
     (row,) = metrics(tmp_path)
     best_step = load_checkpoint(mt_run / "checkpoints/best.ckpt")["global_step"]
@@ -72,7 +73,7 @@ def test_translation_average_of_epoch_checkpoints_evaluates_like_any_checkpoint(
     for name, tensor in averaged.items():
         torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-7)
     lightning_tfm("test", "--config", MT, "--trainer.default_root_dir", tmp_path, "--ckpt_path",
-                  tmp_path / "averaged.ckpt", "--data.test_path", data / "mt_val", "--data.max_tokens", 512,
+                  tmp_path / "averaged.ckpt", "--data.test_path", data / "mt_val", "--data.batching.max_tokens", 512,
                   "--trainer.enable_progress_bar", "false")
     (row,) = metrics(tmp_path)
     assert math.isfinite(row["test_loss"]) and 0 <= row["test_bleu"] <= 100

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 DATA = Path(os.environ.get("LIGHTNING_TFM_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
@@ -57,3 +58,10 @@ def shakespeare_small(data_dir, tmp_path_factory) -> Path:
     text = (data_dir / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
     path.write_text(text[:100_000], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def lengths():
+    """Lengths shaped like subword counts of short sentences: 2000 draws in [3, 60)."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(3, 30, (2000,), generator=g) + torch.randint(0, 30, (2000,), generator=g)).tolist()

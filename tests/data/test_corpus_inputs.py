@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from commands import error_line
+from datamodule_settings import build
 
 import lightning_tfm.data.compressed as compressed
 from lightning_tfm.data import (
@@ -214,18 +215,18 @@ def test_table_rows_with_a_blank_text_are_dropped_or_refused(tmp_path):
 
 def test_translation_reads_a_compressed_prefix_and_keeps_line_numbers(tmp_path):
     source, target = blank_pairs(tmp_path, ".xz")
-    dm = TranslationDataModule(train_path=str(tmp_path / "train"), val_path=None, test_path=None,
-                               tokenizer_dir=str(tmp_path / "tok"), tokenizer_kind="char", max_len=6)
+    dm = build(TranslationDataModule, train_path=str(tmp_path / "train"), val_path=None, test_path=None,
+               tokenization={"save_dir": str(tmp_path / "tok"), "kind": "char"}, truncation={"max_len": 6})
     with pytest.raises(ValueError, match=rf"^{re.escape(str(source))}:3: source has 8 tokens"):
         caught(lambda: dm.dataset("train"))                        # line 3 is the 2nd pair kept: lines are the file's
     assert [f["path"] for f in dm.tokenizer_source()["files"]] == [str(source.resolve()), str(target.resolve())]
-    dm = TranslationDataModule(train_path=str(tmp_path / "train"), val_path=None, test_path=None,
-                               tokenizer_dir=str(tmp_path / "tok2"), tokenizer_kind="char")
+    dm = build(TranslationDataModule, train_path=str(tmp_path / "train"), val_path=None, test_path=None,
+               tokenization={"save_dir": str(tmp_path / "tok2"), "kind": "char"})
     _, messages = caught(lambda: (dm.prepare_data(), dm.setup("fit")))     # read for the tokenizer, then the data
     assert messages == [f"left out 3 of 6 pairs with a blank source or target line (the first at {source}:2); "
                         "set blank_lines=error to stop at them instead"] and len(dm.dataset("train")) == 3
-    dm = TranslationDataModule(train_path=str(tmp_path / "train"), val_path=None, test_path=None,
-                               tokenizer_dir=str(tmp_path / "tok"), tokenizer_kind="char", blank_lines="error")
+    dm = build(TranslationDataModule, train_path=str(tmp_path / "train"), val_path=None, test_path=None,
+               tokenization={"save_dir": str(tmp_path / "tok"), "kind": "char"}, blank_lines="error")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(source))}:2: the source line is blank"):
         dm.dataset("train")
 
@@ -233,14 +234,14 @@ def test_translation_reads_a_compressed_prefix_and_keeps_line_numbers(tmp_path):
 def test_classification_drops_blank_texts_of_a_compressed_table(tmp_path, data_dir):
     rows = head(data_dir / "sst2" / "dev.tsv", 41).decode().splitlines(keepends=True)
     path = write(tmp_path / "train.tsv", "".join(rows[:5] + [" \t1\n"] + rows[5:]), ".zst")
-    dm = ClassificationDataModule(train_path=str(tmp_path / "train.tsv"), val_path=None,
-                                  tokenizer_dir=str(tmp_path / "tok"), tokenizer_kind="char")
+    dm = build(ClassificationDataModule, train_path=str(tmp_path / "train.tsv"), val_path=None,
+               tokenization={"save_dir": str(tmp_path / "tok"), "kind": "char"})
     texts, messages = caught(lambda: list(dm.training_texts()))
     assert texts == [line.split("\t")[0].strip() for line in rows[1:]]
     assert messages == [f"left out 1 of 41 rows with a blank 'sentence' (the first at {path}:6); "
                         "set blank_lines=error to stop at them instead"]
-    dm = ClassificationDataModule(train_path=str(tmp_path / "train.tsv"), val_path=None, blank_lines="error",
-                                  tokenizer_dir=str(tmp_path / "tok"), tokenizer_kind="char")
+    dm = build(ClassificationDataModule, train_path=str(tmp_path / "train.tsv"), val_path=None, blank_lines="error",
+               tokenization={"save_dir": str(tmp_path / "tok"), "kind": "char"})
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:6: 'sentence' is blank"):
         dm.training_texts().__next__()
 
@@ -250,8 +251,9 @@ def test_text_datamodules_read_a_compressed_file_by_its_plain_name(tmp_path, dat
     data = head(data_dir / "tiny_shakespeare" / "input.txt", 100)
     write(tmp_path / "plain.txt", data)
     write(tmp_path / "packed.txt", data, ".gz")
-    texts = [list(module(train_path=str(tmp_path / name), val_path=None, tokenizer_dir=str(tmp_path / "tok"),
-                         val_fraction=0.0).training_texts()) for name in ("plain.txt", "packed.txt")]
+    texts = [list(build(module, train_path=str(tmp_path / name), val_path=None,
+                        tokenization={"save_dir": str(tmp_path / "tok")}, val_fraction=0.0).training_texts())
+             for name in ("plain.txt", "packed.txt")]
     assert texts[0] == texts[1] and len(texts[0]) > 50
 
 

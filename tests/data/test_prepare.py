@@ -11,10 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datamodule_settings import build, merged
 
 from lightning_tfm.data import ClassificationDataModule, LanguageModelDataModule, TranslationDataModule
 from lightning_tfm.data.prepare import prepare
-from lightning_tfm.data.shards import Rows, RowWriter, token_dtype
+from lightning_tfm.data.shards import RowLengths, Rows, RowWriter, token_dtype
+
+
+def every(lengths) -> np.ndarray:
+    """All of a dataset's lengths: an array as it is, prepared `RowLengths` read whole (it refuses `np.asarray`)."""
+    return np.asarray(lengths[np.arange(len(lengths))])
 
 # the corpus below has two blank lines: the raw path's warning about them is checked once, in `prepared`
 pytestmark = pytest.mark.filterwarnings("ignore:left out 2 of 2000 pairs")
@@ -22,9 +28,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:left out 2 of 2000 pairs")
 
 def make(d: Path, tok: Path, prepared: Path | None, **kw) -> TranslationDataModule:
     args = dict(train_path=str(d / "train"), val_path=str(d / "val"), test_path=str(d / "test2016"),
-                tokenizer_dir=str(tok), tokenizer_vocab_size=1000, max_tokens=512,
+                tokenization={"save_dir": str(tok), "vocab_size": 1000}, batching={"max_tokens": 512},
                 prepared_dir=None if prepared is None else str(prepared))
-    return TranslationDataModule(**{**args, **kw})
+    return build(TranslationDataModule, **merged(args, kw))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def test_prepared_examples_are_the_raw_ones(corpus, prepared):
     for split in ("train", "val", "test"):
         a, b = raw.dataset(split), ready.dataset(split)
         assert len(a) == len(b) > 0
-        assert np.array_equal(a.lengths(), b.lengths())
+        assert np.array_equal(every(a.lengths()), every(b.lengths()))
         for i in range(len(a)):
             x, y = a[i], b[i]
             assert list(x["src"]) == y["src"].tolist() and list(x["tgt"]) == y["tgt"].tolist()
@@ -82,9 +88,9 @@ def test_a_second_run_does_nothing_and_a_changed_input_is_refused(corpus, prepar
     assert prepare(make(corpus, tok, out), progress=False).endswith("up to date, nothing to do")
     assert (out / "train.src.bin").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match=r"max_len 256 -> 128.*--rebuild"):
-        prepare(make(corpus, tok, out, max_len=128), progress=False)
+        prepare(make(corpus, tok, out, truncation={"max_len": 128}), progress=False)
     with pytest.raises(ValueError, match="another tokenizer"):
-        make(corpus, tmp_path / "tok", out, tokenizer_vocab_size=500).dataset("val")
+        make(corpus, tmp_path / "tok", out, tokenization={"vocab_size": 500}).dataset("val")
     changed = tmp_path / "c"
     shutil.copytree(corpus, changed)
     copy = tmp_path / "copy"
@@ -133,11 +139,19 @@ def test_wide_token_ids_and_text_rows_round_trip(tmp_path):
     rows, texts = Rows(tmp_path, "x", ids.finish()), Rows(tmp_path, "t", text.finish())
     assert [r.tolist() for r in (rows[0], rows[1], rows[2])] == [[0, 99_999, 70_000], [], [5]]
     assert rows.lengths().tolist() == [3, 0, 1] and texts.text(0) == "Grüße" and texts.text(1) == ""
+    other = RowWriter(tmp_path, "y", "uint16")
+    other.add([[1], [2, 3], [4, 5, 6, 7]])
+    pair = Rows(tmp_path, "y", other.finish())
+    at = np.array([2, 0, 2])
+    assert RowLengths(rows, pair, combine=np.maximum)[at].tolist() == [4, 3, 4]
+    assert RowLengths(rows, pair, combine=np.add)[at].tolist() == [5, 4, 5] and len(RowLengths(rows)) == 3
+    with pytest.raises(TypeError, match="read a pool at a time"):
+        np.asarray(RowLengths(rows))                      # never one array of the corpus's lengths
     narrow = RowWriter(tmp_path, "n", "uint16")
     with pytest.raises(ValueError, match="70000 does not fit in uint16"):
         narrow.add([[70_000]])
     narrow.abandon()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin", "t.idx", "x.bin", "x.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin", "t.idx", "x.bin", "x.idx", "y.bin", "y.idx"]
 
 
 @pytest.mark.parametrize("kind", ["char", "byte_bpe"])
@@ -146,10 +160,11 @@ def test_language_model_streams_are_the_raw_ones(shakespeare_small, tmp_path, ki
     by worker processes give the ids of the whole text tokenized at once."""
     text = shakespeare_small.read_text(encoding="utf-8")
     (tmp_path / "test.txt.gz").write_bytes(gzip.compress(text[:5000].replace("\n", "\r\n").encode()))
-    args = dict(train_path=str(shakespeare_small), test_path=str(tmp_path / "test.txt"), tokenizer_kind=kind,
-                tokenizer_vocab_size=400, block_size=64, tokenizer_dir=str(tmp_path / "tok"))
-    prepare(LanguageModelDataModule(**args, prepared_dir=str(tmp_path / "p")), workers=2, progress=False)
-    raw, ready = LanguageModelDataModule(**args), LanguageModelDataModule(**args, prepared_dir=str(tmp_path / "p"))
+    args = dict(train_path=str(shakespeare_small), test_path=str(tmp_path / "test.txt"),
+                tokenization={"kind": kind, "vocab_size": 400, "save_dir": str(tmp_path / "tok")}, block_size=64)
+    prepare(build(LanguageModelDataModule, **args, prepared_dir=str(tmp_path / "p")), workers=2, progress=False)
+    raw, ready = build(LanguageModelDataModule, **args), build(LanguageModelDataModule, **args,
+                                                               prepared_dir=str(tmp_path / "p"))
     for split in ("train", "val", "test"):
         a, b = raw.dataset(split), ready.dataset(split)
         assert len(a) == len(b) > 100 and isinstance(b.tokens, np.memmap)
@@ -161,20 +176,20 @@ def test_max_len_errors_and_truncation_match_the_raw_path(corpus, prepared, tmp_
     tok, _ = prepared
     messages = []
     for folder in (None, tmp_path / "p"):
-        dm = make(corpus, tok, folder, max_len=12)
+        dm = make(corpus, tok, folder, truncation={"max_len": 12})
         with pytest.raises(ValueError) as error:
             prepare(dm, progress=False) if folder else dm.dataset("train")
         messages.append(str(error.value))
     assert messages[0] == messages[1] and re.search(r"train.en:\d+: source has \d+ tokens with its special tokens, "
-                                                    r"more than data.max_len=12", messages[0])
+                                                    r"more than data.truncation.max_len=12", messages[0])
     warned = []
     for folder in (None, tmp_path / "q"):
-        dm = make(corpus, tok, folder, max_len=12, truncate=True)
+        dm = make(corpus, tok, folder, truncation={"max_len": 12, "longer": "cut"})
         with pytest.warns(UserWarning, match=r"data.train: truncated \d+ of 1998 targets") as seen:
             prepare(dm, workers=2, progress=False) if folder else dm.dataset("train")
         warned.append(sorted(str(w.message) for w in seen if "data.train: truncated" in str(w.message)))
         assert max(len(r) for r in dm.dataset("train").tgt) == 12 if folder is None else \
-            dm.dataset("train").lengths().max() == 12
+            every(dm.dataset("train").lengths()).max() == 12
     assert warned[0] == warned[1] and len(warned[0]) == 2
 
 
@@ -182,7 +197,7 @@ def assert_same_items(raw, ready, splits):
     """Item by item (ids, segments, labels, index) and batch by batch, the prepared splits are the raw ones."""
     for split in splits:
         a, b = raw.dataset(split), ready.dataset(split)
-        assert len(a) == len(b) > 0 and np.array_equal(a.lengths(), b.lengths())
+        assert len(a) == len(b) > 0 and np.array_equal(every(a.lengths()), every(b.lengths()))
         for i in range(len(a)):
             x, y = a[i], b[i]
             assert (x["index"], x["ids"], x["segments"], x["label"]) == \
@@ -195,9 +210,10 @@ def test_classification_splits_are_the_raw_ones(sst2_small, data_dir, tmp_path):
     """SST-2 with a seeded val_fraction split carved off train, dev.tsv as test, short max_len (so inputs are
     cut, with the same warnings); the prepared run learns its labels from the manifest and reads no raw row."""
     args = dict(train_path=str(sst2_small), val_path=None, val_fraction=0.1, seed=3,
-                test_path=str(data_dir / "sst2" / "dev.tsv"), max_len=16, tokenizer_vocab_size=600,
-                tokenizer_dir=str(tmp_path / "tok"))
-    raw, ready = ClassificationDataModule(**args), ClassificationDataModule(**args, prepared_dir=str(tmp_path / "p"))
+                test_path=str(data_dir / "sst2" / "dev.tsv"), truncation={"max_len": 16},
+                tokenization={"vocab_size": 600, "save_dir": str(tmp_path / "tok")})
+    raw, ready = build(ClassificationDataModule, **args), build(ClassificationDataModule, **args,
+                                                                prepared_dir=str(tmp_path / "p"))
     warned = []
     for dm in (raw, ready):
         with pytest.warns(UserWarning, match=r"data.(train|val|test): truncated \d+ of (2700|300|872) inputs") as seen:
@@ -205,7 +221,7 @@ def test_classification_splits_are_the_raw_ones(sst2_small, data_dir, tmp_path):
             dm.setup()
         warned.append(sorted(str(w.message) for w in seen if "truncated" in str(w.message)))
     assert warned[0] == warned[1] and len(warned[0]) == 3
-    again = ClassificationDataModule(**args, prepared_dir=str(tmp_path / "p"))
+    again = build(ClassificationDataModule, **args, prepared_dir=str(tmp_path / "p"))
     assert again.label_names == raw.label_names == ["0", "1"]
     assert_same_items(raw, again, ("train", "val", "test"))
     assert again._rows == {}                                    # neither the labels nor the rows came from raw
@@ -223,10 +239,10 @@ PAIRS = [{"premise": "a man is playing a guitar on the stage", "hypothesis": "a 
 def pairs_dm(folder: Path, prepared: Path | None, **kw) -> ClassificationDataModule:
     """Multi-label text pairs (an empty tag cell is an example with no label), cut longest-first at max_len."""
     args = dict(train_path=str(folder / "train.jsonl"), val_path=str(folder / "val.jsonl"), text_column="premise",
-                text_pair_column="hypothesis", label_column="tags", label_delimiter=",", tokenizer_kind="char",
-                tokenizer_dir=str(folder / "tok"), max_len=32, batch_size=16,
-                prepared_dir=None if prepared is None else str(prepared))
-    return ClassificationDataModule(**{**args, **kw})
+                text_pair_column="hypothesis", label_column="tags", label_delimiter=",",
+                tokenization={"kind": "char", "save_dir": str(folder / "tok")}, truncation={"max_len": 32},
+                batching={"batch_size": 16}, prepared_dir=None if prepared is None else str(prepared))
+    return build(ClassificationDataModule, **merged(args, kw))
 
 
 @pytest.fixture(scope="module")
@@ -247,12 +263,12 @@ def test_classification_pairs_and_multi_labels_are_the_raw_ones(pairs):
     assert ready.label_names == ["animal", "music", "rest"]
     messages = []
     for folder in (None, pairs / "short"):
-        dm = pairs_dm(pairs, folder, max_len=20, truncate=False)
+        dm = pairs_dm(pairs, folder, truncation={"max_len": 20, "longer": "error"})
         with pytest.raises(ValueError) as error:
             prepare(dm, progress=False) if folder else dm.dataset("train")
         messages.append(str(error.value))
     assert messages[0] == messages[1] and re.fullmatch(r".*train.jsonl:1: input has 58 tokens with its special tokens, "
-                                                       r"more than data.max_len=20; .*", messages[0])
+                                                       r"more than data.truncation.max_len=20; .*", messages[0])
 
 
 def test_classification_refuses_changed_labels_and_files(pairs, tmp_path):

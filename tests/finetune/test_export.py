@@ -42,7 +42,7 @@ def test_a_lora_classifier_exports_merged_and_reloads_to_the_same_outputs(tmp_pa
     assert init["init_from"] == str(tmp_path / "export") and init["finetune"] is None
     assert init["pooling"] == "mean" and init["model"] == TINY_ENCODER and "n_classes" not in init
     data = config["data"]["init_args"]
-    assert data["label_names"] == ["bad", "good", "ok"] and data["tokenizer_path"] is None
+    assert data["label_names"] == ["bad", "good", "ok"] and data["tokenization"]["path"] is None
     assert data["text_column"] == "review"
 
     path.unlink()                                   # nothing of the run is needed any more

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import yaml
 from commands import ROOT
+from datamodule_settings import merged
 
 SST2, MT = ROOT / "configs/classification/sst2_small.yaml", ROOT / "configs/translation/multi30k_small.yaml"
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", 2, "--trainer.strategy", "ddp"]
@@ -17,7 +18,7 @@ def tiny_config(base: Path, tmp_path: Path, run: Path, data_args: dict, **traine
     model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.0)
     if "head_dropout" in config["model"]["init_args"]:
         config["model"]["init_args"]["head_dropout"] = 0.0
-    config["data"]["init_args"].update(data_args)
+    config["data"]["init_args"] = merged(config["data"]["init_args"], data_args)
     config["trainer"].update(default_root_dir=str(run), enable_progress_bar=False, enable_model_summary=False,
                              **trainer)
     config["trainer"]["callbacks"] = [

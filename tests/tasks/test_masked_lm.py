@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from datamodule_settings import build
 
 from lightning_tfm.blocks import LearnedPositions
-from lightning_tfm.data import MaskedLMDataModule, SpecialTokens, train_tokenizer
+from lightning_tfm.data import MaskedLMDataModule, SpecialTokens, Truncation, train_tokenizer
 from lightning_tfm.models import EncoderOnly
 from lightning_tfm.models.presets import TinyEncoder
 from lightning_tfm.tasks import MaskedLanguageModelModule, masked_lm_loss
@@ -155,9 +156,11 @@ def test_training_lowers_masked_loss_on_held_out_text_below_the_unigram_baseline
     the model uses the context around each mask.
     """
     (tmp_path / "train.txt").write_text("\n".join(sst2_sentences("train", 3000)) + "\n", encoding="utf-8")
-    data = MaskedLMDataModule(train_path=str(tmp_path / "train.txt"), val_path=str(DATA / "sst2" / "dev.tsv"),
-                              tokenizer_dir=str(tmp_path / "tok"), tokenizer_kind="char", max_len=32, batch_size=64)
-    with pytest.warns(UserWarning, match=r"data\.(train|val): truncated \d+ of \d+ texts to data\.max_len=32"):
+    data = build(MaskedLMDataModule, train_path=str(tmp_path / "train.txt"), val_path=str(DATA / "sst2" / "dev.tsv"),
+                 tokenization={"save_dir": str(tmp_path / "tok"), "kind": "char"}, truncation={"max_len": 32},
+                 batching={"batch_size": 64})
+    with pytest.warns(UserWarning, match=r"data\.(train|val): truncated \d+ of \d+ texts to "
+                                                 r"data\.truncation\.max_len=32"):
         data.setup("fit")
     V = data.vocab_size
     counts = Counter(t for x in data.dataset("train").ids for t in x[1:-1])
@@ -182,8 +185,9 @@ def test_training_lowers_masked_loss_on_held_out_text_below_the_unigram_baseline
 
 def test_data_must_fit_the_model():
     task = MaskedLanguageModelModule(TinyEncoder, vocab_size=50)                  # positions up to 128
-    datamodule = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab_size=lambda: 50), max_len=256)
-    with pytest.raises(ValueError, match=r"data\.max_len=256 is longer than the model's positions \(max_len=128\)"):
+    datamodule = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab_size=lambda: 50), truncation=Truncation(256))
+    with pytest.raises(ValueError, match=r"data\.truncation\.max_len=256 is longer than the model's positions "
+                                         r"\(max_len=128\)"):
         task.check_data(datamodule)
     with pytest.raises(ValueError, match="does not know the mask token's id"):
         task.predict_step(batch_with_masks(), 0)

@@ -1,7 +1,7 @@
 """What every text DataModule shares: its tokenizer (trained once on the training split, or loaded), the
 DDP rank, and the bucketed DataLoaders.
 
-The tokenizer is trained by `prepare_data` (once per node) and saved as `<tokenizer_dir>/tokenizer.json`
+The tokenizer is trained by `prepare_data` (once per node) and saved as `<tokenization.save_dir>/tokenizer.json`
 with a `tokenizer_source.json` beside it recording what it was trained on (files, sizes, settings). Later
 runs and the other ranks load that file while the record still matches, and retrain when the data or the
 settings change. Properties such as `vocab_size` train or load the tokenizer on first use, so LightningCLI
@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_tfm.data.batching import BucketBatchSampler, ResumableBatches
 from lightning_tfm.data.datamodules.splits import check_file
 from lightning_tfm.data.prepare import prepare, read_manifest
+from lightning_tfm.data.settings import Batching, Tokenization
 from lightning_tfm.data.tokenizers import (
     SpecialIds,
     SpecialTokens,
-    TokenizerKind,
     load_tokenizer,
     save_tokenizer,
     special_token_ids,
@@ -51,31 +51,27 @@ class TextDataModule(L.LightningDataModule):
     """Base of the text DataModules; subclasses say what to train the tokenizer on and build the datasets.
 
     Args:
-        tokenizer_path: an existing tokenizer.json to use as is; None trains one on the training split.
-        tokenizer_dir: where a trained tokenizer is saved (and reused while its training data is unchanged).
-        tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
-        tokenizer_vocab_size: vocabulary size to train, special tokens included (ignored by "char").
-        special_tokens: the string of each special role; trained tokenizers give them ids 0, 1, ...
-        num_workers: DataLoader worker processes.
+        tokenization: the tokenizer to load, or to train on the training split and keep (`settings.Tokenization`).
+        special_tokens: the string of each special role; a trained tokenizer gives them ids 0, 1, ...
+        batching: batch sizes and DataLoader workers (`settings.Batching`).
         seed: seed of the batch order (and of any random split).
     """
 
     #: special roles a subclass cannot work without
     required_specials: tuple[str, ...] = ()
+    #: where a trained tokenizer is kept when `tokenization.save_dir` is None
+    tokenizer_home = "runs/tokenizers/text"
 
-    def __init__(self, tokenizer_path: str | None, tokenizer_dir: str, tokenizer_kind: TokenizerKind,
-                 tokenizer_vocab_size: int, special_tokens: SpecialTokens, num_workers: int, seed: int) -> None:
+    def __init__(self, tokenization: Tokenization, special_tokens: SpecialTokens, batching: Batching,
+                 seed: int) -> None:
         super().__init__()
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers}, must be >= 0")
-        self.tokenizer_path, self.tokenizer_dir = tokenizer_path, tokenizer_dir
-        self.tokenizer_kind, self.tokenizer_vocab_size = tokenizer_kind, tokenizer_vocab_size
-        self.special_tokens, self.num_workers, self.seed = special_tokens, num_workers, seed
+        self.tokenization, self.special_tokens = tokenization, special_tokens
+        self.batching, self.seed = batching, seed
         self._tokenizer: Tokenizer | None = None
         self._special_ids: SpecialIds | None = None
         self._datasets: dict[str, Dataset] = {}
         self._resume: tuple[int, int] | None = None
-        # No save_hyperparameters(): SpecialTokens is a dataclass, which `torch.load(weights_only=True)` refuses
+        # No save_hyperparameters(): the settings are dataclasses, which `torch.load(weights_only=True)` refuses
         # to unpickle from a checkpoint; LightningCLI's config.yaml records these arguments instead.
 
     def __str__(self) -> str:
@@ -101,20 +97,21 @@ class TextDataModule(L.LightningDataModule):
             found = check_file("train_path", name)
             stat = found.stat()
             files.append({"path": str(found.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-        return {"kind": self.tokenizer_kind, "vocab_size": self.tokenizer_vocab_size,
+        return {"kind": self.tokenization.kind, "vocab_size": self.tokenization.vocab_size,
                 "special_tokens": self.special_tokens.tokens(), "files": files}
 
     # --- the tokenizer -----------------------------------------------------------------------------------
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer, loaded from `tokenizer_path`, reused from `tokenizer_dir`, or trained now."""
+        """The tokenizer, loaded from `tokenization.path`, reused from `tokenization.save_dir`, or trained now."""
         if self._tokenizer is None:
-            if self.tokenizer_path is not None:
-                if not Path(self.tokenizer_path).is_file():
-                    raise FileNotFoundError(f"data.tokenizer_path={self.tokenizer_path} does not exist; leave it "
+            path = self.tokenization.path
+            if path is not None:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"data.tokenization.path={path} does not exist; leave it "
                                             "unset to train one on the training split")
-                tokenizer = load_tokenizer(self.tokenizer_path)
+                tokenizer = load_tokenizer(path)
             else:
                 tokenizer = self._trained_tokenizer()
             # fail here, naming the missing token, rather than at the first batch
@@ -158,7 +155,7 @@ class TextDataModule(L.LightningDataModule):
             print(prepare(self, workers=min(4, os.cpu_count() or 1)))      # type: ignore[arg-type]
 
     def _trained_tokenizer(self) -> Tokenizer:
-        path = Path(self.tokenizer_dir) / "tokenizer.json"
+        path = Path(self.tokenization.save_dir or self.tokenizer_home) / "tokenizer.json"
         record = path.with_name("tokenizer_source.json")
         source = self.tokenizer_source()
         if path.is_file() and record.is_file() and json.loads(record.read_text(encoding="utf-8")) == source:
@@ -166,17 +163,17 @@ class TextDataModule(L.LightningDataModule):
             return load_tokenizer(path)
         if path.is_file():
             log.info("retraining %s: its training data or settings changed", path)
-        tokenizer = train_tokenizer(self.training_texts(), self.tokenizer_kind, self.tokenizer_vocab_size,
+        tokenizer = train_tokenizer(self.training_texts(), self.tokenization.kind, self.tokenization.vocab_size,
                                     self.special_tokens)
         save_tokenizer(tokenizer, path)
         tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(source, indent=1), encoding="utf-8")
         os.replace(tmp, record)
-        log.info("trained a %s tokenizer with %d tokens, saved to %s", self.tokenizer_kind,
+        log.info("trained a %s tokenizer with %d tokens, saved to %s", self.tokenization.kind,
                  tokenizer.get_vocab_size(), path)
         return tokenizer
 
-    # --- max_len, for the datamodules whose rows have one (data/prepare.py's Preparable) ------------------
+    # --- max_len, for the datamodules whose rows have one (`truncation`; data/prepare.py's Preparable) -------
 
     #: what one row of each field is called in messages ("source", "target", "input")
     row_names: dict[str, str] = {}
@@ -184,13 +181,17 @@ class TextDataModule(L.LightningDataModule):
     def too_long(self, split: str, field: str, where: str, length: int) -> ValueError:
         """The error for a row of `length` ids (special tokens included) over `max_len`, at `where`."""
         return ValueError(f"{where}: {self.row_names.get(field, field)} has {length} tokens with its special "
-                          f"tokens, more than data.max_len={getattr(self, 'max_len', None)}; set data.truncate=true "
-                          "to cut it, or raise data.max_len")
+                          f"tokens, more than data.truncation.max_len={self._max_len()}; set "
+                          "data.truncation.longer=cut to cut it, or raise data.truncation.max_len")
 
     def truncated(self, split: str, field: str, count: int, total: int, first: str) -> None:
         """Warn once that `count` of `total` rows were cut to `max_len`, the first at `first`."""
         rank_zero_warn(f"data.{split}: truncated {count} of {total} {self.row_names.get(field, field)}s to "
-                       f"data.max_len={getattr(self, 'max_len', None)} tokens (first at {first})")
+                       f"data.truncation.max_len={self._max_len()} tokens (first at {first})")
+
+    def _max_len(self) -> int | None:
+        truncation = getattr(self, "truncation", None)
+        return None if truncation is None else truncation.max_len
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens (added by each DataModule where it needs them)."""
@@ -295,12 +296,13 @@ class TextDataModule(L.LightningDataModule):
         return 1, 0
 
     def bucketed_loader(self, dataset: Dataset, lengths: Sequence[int], collate: Callable[[list[Any]], Any],
-                        max_tokens: int | None, batch_size: int | None, shuffle: bool,
-                        pool_size: int = 16384) -> DataLoader:
-        """A DataLoader over `dataset` with a `BucketBatchSampler` split across this process's DDP rank."""
+                        shuffle: bool, pool_size: int = 16384) -> DataLoader:
+        """A DataLoader over `dataset` with a `BucketBatchSampler` of `batching`'s sizes, split across this
+        process's DDP rank."""
         num_replicas, rank = self.world()
-        sampler = BucketBatchSampler(lengths, max_tokens=max_tokens, batch_size=batch_size, shuffle=shuffle,
-                                     seed=self.seed, pool_size=pool_size, num_replicas=num_replicas, rank=rank)
+        sampler = BucketBatchSampler(lengths, max_tokens=self.batching.max_tokens,
+                                     batch_size=self.batching.batch_size, shuffle=shuffle, seed=self.seed,
+                                     pool_size=pool_size, num_replicas=num_replicas, rank=rank)
         return self.data_loader(dataset, batch_sampler=sampler, collate_fn=collate)
 
     def data_loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
@@ -308,5 +310,6 @@ class TextDataModule(L.LightningDataModule):
         DataLoader builds draws a seed for its workers; from torch's global generator (the default) that draw
         would shift dropout's random numbers once per epoch and per validation, so a run resumed at an epoch's
         start would drop other units than the uninterrupted run did."""
-        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        workers = self.batching.num_workers
+        return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
                           generator=torch.Generator().manual_seed(self.seed), **kwargs)

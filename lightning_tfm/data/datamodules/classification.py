@@ -17,11 +17,15 @@ from lightning_tfm.data.datamodules.classification_data import (
     PreparedClassificationDataset,
     collate_classification,
 )
-from lightning_tfm.data.datamodules.splits import carve_validation, check_batching, check_file
+from lightning_tfm.data.datamodules.splits import carve_validation, check_file
 from lightning_tfm.data.prepare import Example, open_split, recorded_names
 from lightning_tfm.data.readers import BlankLines, Row, read_table
+from lightning_tfm.data.settings import Batching, Tokenization, Truncation
 from lightning_tfm.data.tokenize_workers import FramedIds, Framing, frame_fields
-from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+from lightning_tfm.data.tokenizers import SpecialTokens
+
+#: BERT's roles; the mask token is kept so masked-LM pretraining and fine-tuning share one tokenizer
+_SPECIAL_TOKENS = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>", mask="<mask>")
 
 
 class ClassificationDataModule(TextDataModule):
@@ -53,29 +57,25 @@ class ClassificationDataModule(TextDataModule):
             predict without the training data (`lightning_tfm export` writes it).
         val_fraction: when val_path is None, hold out this random fraction of the training rows (drawn with
             seed) as validation; the tokenizer and label names see only the rest. Ignored when val_path is set.
-        max_len: most tokens per input, special tokens included.
-        truncate: cut longer inputs to max_len with a warning; False raises naming the file and line.
         blank_lines: what a row whose text (or text pair) is blank (empty or only whitespace) is in the train,
             val and test splits: "drop" leaves such rows out with one warning counting them and naming the first
             file and line; "error" stops at the first, naming its file and line. Predict files are read as they
             are, one output per row.
-        max_tokens: padded tokens per batch; None for fixed-size batches.
-        batch_size: most examples per batch (all of them when max_tokens is None).
-        tokenizer_path: an existing tokenizer.json; None trains one on the training texts.
-        tokenizer_dir: where the trained tokenizer is saved and reused.
-        tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
-        tokenizer_vocab_size: vocabulary size to train, special tokens included.
+        tokenization: the tokenizer (`settings.Tokenization`).
         special_tokens: pad, cls and sep are required; mask is kept for masked-LM pretraining.
-        num_workers: DataLoader worker processes.
+        batching: batch sizes (`settings.Batching`).
+        truncation: most tokens per input, special tokens included, and what becomes of a longer one
+            (`settings.Truncation`; of a pair, the longer text loses tokens first).
         seed: seed of the batch order and of the val_fraction split.
         prepared_dir: read the train, val and test splits (token ids and label indices) from rows prepared in
             this folder (`lightning_tfm prepare --config CONFIG`, or the first `fit`), memory-mapped, instead of
             reading and tokenizing the raw tables each run; the label set comes from its manifest too. The raw
             files stay the source of truth: a change to them, to the tokenizer or to the settings above (columns,
-            labels, val_fraction and seed, max_len, truncate, blank_lines) is refused until the data is prepared
+            labels, val_fraction and seed, truncation, blank_lines) is refused until the data is prepared
             again. A predict_path file is always read raw. None reads the raw files.
     """
 
+    tokenizer_home = "runs/tokenizers/classification"
     required_specials = ("pad", "cls", "sep")
     row_names = {"text": "input", "text_pair": "input"}
 
@@ -84,29 +84,23 @@ class ClassificationDataModule(TextDataModule):
                  predict_path: str | None = None, text_column: str = "sentence", text_pair_column: str | None = None,
                  label_column: str = "label", label_delimiter: str | None = None,
                  label_names: list[str] | None = None, val_fraction: float = 0.0,
-                 max_len: int = 128, truncate: bool = True, blank_lines: BlankLines = "drop",
-                 max_tokens: int | None = None, batch_size: int | None = 32,
-                 tokenizer_path: str | None = None, tokenizer_dir: str = "runs/tokenizers/classification",
-                 tokenizer_kind: TokenizerKind = "bpe", tokenizer_vocab_size: int = 8000,
-                 special_tokens: SpecialTokens = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>",
-                                                               mask="<mask>"),
-                 num_workers: int = 0, seed: int = 0, prepared_dir: str | None = None) -> None:
-        super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
-                         num_workers, seed)
+                 blank_lines: BlankLines = "drop",
+                 tokenization: Tokenization = Tokenization(), special_tokens: SpecialTokens = _SPECIAL_TOKENS,
+                 batching: Batching = Batching(), truncation: Truncation = Truncation(longer="cut"),
+                 seed: int = 0, prepared_dir: str | None = None) -> None:
+        super().__init__(tokenization, special_tokens, batching, seed)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction}, must be in [0, 1)")
-        if max_len < (5 if text_pair_column else 3):
-            raise ValueError(f"data.max_len={max_len} leaves no room for text after the special tokens")
+        if truncation.max_len < (5 if text_pair_column else 3):
+            raise ValueError(f"data.truncation.max_len={truncation.max_len} leaves no room for text after the "
+                             "special tokens")
         if label_delimiter == "":
             raise ValueError("data.label_delimiter is '', use None for single-label data")
-        check_batching(max_tokens, batch_size)
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.predict_path = predict_path
         self.text_column, self.text_pair_column = text_column, text_pair_column
         self.label_column, self.label_delimiter = label_column, label_delimiter
-        self.val_fraction, self.max_len, self.truncate = val_fraction, max_len, truncate
-        self.blank_lines = blank_lines
-        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.val_fraction, self.truncation, self.blank_lines = val_fraction, truncation, blank_lines
         self.prepared_dir = prepared_dir
         self._rows: dict[str, list[Row]] = {}
         if label_names is not None and len(set(label_names)) != len(label_names):
@@ -183,7 +177,7 @@ class ClassificationDataModule(TextDataModule):
         return {"text_column": self.text_column, "text_pair_column": self.text_pair_column,
                 "label_column": self.label_column, "label_delimiter": self.label_delimiter,
                 "label_names": self._given_labels, "val_fraction": carve, "seed": self.seed if carve else None,
-                "max_len": self.max_len, "truncate": self.truncate, "blank_lines": self.blank_lines,
+                "max_len": self.truncation.max_len, "truncate": self.truncation.cut, "blank_lines": self.blank_lines,
                 "special_tokens": self.special_tokens.tokens()}
 
     def raw_examples(self, split: str) -> Iterator[Example]:
@@ -199,7 +193,8 @@ class ClassificationDataModule(TextDataModule):
         """`cls a sep`, and `b sep` for a pair, the two sharing max_len (the longer text losing tokens first)."""
         special = self.special_ids
         prefix = (special.cls,) if field == "text" else ()
-        return Framing(prefix, (special.sep,), self.max_len, self.truncate, joint=self.text_pair_column is not None)
+        return Framing(prefix, (special.sep,), self.truncation.max_len, self.truncation.cut,
+                       joint=self.text_pair_column is not None)
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -264,6 +259,5 @@ class ClassificationDataModule(TextDataModule):
         dataset = self.dataset(split)
         collate = functools.partial(collate_classification, pad_id=self.pad_id, n_classes=self.n_classes,
                                     multi_label=self.multi_label, pairs=self.text_pair_column is not None)
-        return self.bucketed_loader(dataset, dataset.lengths(), collate, self.max_tokens, self.batch_size, shuffle,
-                                    pool_size)
+        return self.bucketed_loader(dataset, dataset.lengths(), collate, shuffle, pool_size)
 

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_tfm.data.batching import pad_batch
+from lightning_tfm.data.padding import pad_batch
 from lightning_tfm.data.prepare import PreparedSplit
+from lightning_tfm.data.shards import RowLengths
 
 
 @dataclass
@@ -70,9 +71,9 @@ class PreparedClassificationDataset(Dataset):
         labels = self.labels[i].tolist()
         return {"index": i, "ids": ids, "segments": segments, "label": labels if self.multi_label else labels[0]}
 
-    def lengths(self) -> np.ndarray:
-        """Each input's length in tokens, from the row indexes alone."""
-        return self.text.lengths() + (0 if self.pair is None else self.pair.lengths())
+    def lengths(self) -> RowLengths:
+        """Each input's length in tokens, read from the row indexes a pool at a time (never one array)."""
+        return RowLengths(self.text) if self.pair is None else RowLengths(self.text, self.pair, combine=np.add)
 
 
 def collate_classification(items: list[dict[str, Any]], pad_id: int, n_classes: int, multi_label: bool,

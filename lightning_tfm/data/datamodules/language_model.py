@@ -20,9 +20,10 @@ from lightning_tfm.data.datamodules.base import TextDataModule
 from lightning_tfm.data.datamodules.splits import check_file
 from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import read_lines, read_text
+from lightning_tfm.data.settings import Batching, Tokenization
 from lightning_tfm.data.streams import iter_lines
 from lightning_tfm.data.tokenize_workers import Framing
-from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+from lightning_tfm.data.tokenizers import SpecialTokens
 
 
 class TokenBlocks(Dataset):
@@ -106,14 +107,11 @@ class LanguageModelDataModule(TextDataModule):
         val_fraction: with val_path=None, the fraction of the training file's characters (taken from its
             end) used for validation. Ignored when val_path is set.
         block_size: context length of a training example.
-        batch_size: blocks (or prompts) per batch.
         batches_per_epoch: training batches per epoch (per DDP rank).
-        tokenizer_path: an existing tokenizer.json; None trains one on the training text.
-        tokenizer_dir: where the trained tokenizer is saved and reused.
-        tokenizer_kind: "char" (one token per character), "bpe", "wordpiece", "unigram" or "byte_bpe".
-        tokenizer_vocab_size: vocabulary size to train, special tokens included (ignored by "char").
+        tokenization: the tokenizer (`settings.Tokenization`), character-level by default.
         special_tokens: none is required; the default keeps only unk, for characters unseen in training.
-        num_workers: DataLoader worker processes.
+        batching: `batch_size` blocks (or prompts) per batch and the DataLoader workers (`settings.Batching`);
+            max_tokens must stay None, since every block has block_size tokens.
         seed: seed of the training offsets.
         prepared_dir: read the train, val and test token streams from rows prepared in this folder (`lightning_tfm
             prepare --config CONFIG`, or the first `fit`), memory-mapped, so a corpus larger than memory trains
@@ -121,25 +119,28 @@ class LanguageModelDataModule(TextDataModule):
             is prepared again. None reads and tokenizes the raw files.
     """
 
+    tokenizer_home = "runs/tokenizers/language_model"
+
     def __init__(self, train_path: str = "../shared/data/tiny_shakespeare/input.txt", val_path: str | None = None,
                  test_path: str | None = None, predict_path: str | None = None, val_fraction: float = 0.1,
-                 block_size: int = 256, batch_size: int = 64, batches_per_epoch: int = 1000,
-                 tokenizer_path: str | None = None,
-                 tokenizer_dir: str = "runs/tokenizers/language_model", tokenizer_kind: TokenizerKind = "char",
-                 tokenizer_vocab_size: int = 8000,
+                 block_size: int = 256, batches_per_epoch: int = 1000,
+                 tokenization: Tokenization = Tokenization(kind="char"),
                  special_tokens: SpecialTokens = SpecialTokens(pad=None, bos=None, eos=None),
-                 num_workers: int = 0, seed: int = 0, prepared_dir: str | None = None) -> None:
-        super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
-                         num_workers, seed)
+                 batching: Batching = Batching(batch_size=64), seed: int = 0,
+                 prepared_dir: str | None = None) -> None:
+        super().__init__(tokenization, special_tokens, batching, seed)
+        if batching.max_tokens is not None or batching.batch_size is None:
+            raise ValueError(f"data.batching.max_tokens={batching.max_tokens}, batch_size={batching.batch_size}: "
+                             "a language model's batches are batch_size blocks of block_size tokens; set "
+                             "batch_size and leave max_tokens None")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction}, must be in [0, 1)")
-        for key, value in (("block_size", block_size), ("batch_size", batch_size),
-                           ("batches_per_epoch", batches_per_epoch)):
+        for key, value in (("block_size", block_size), ("batches_per_epoch", batches_per_epoch)):
             if value < 1:
                 raise ValueError(f"data.{key}={value}, must be >= 1")
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.predict_path, self.val_fraction = predict_path, val_fraction
-        self.block_size, self.batch_size, self.batches_per_epoch = block_size, batch_size, batches_per_epoch
+        self.block_size, self.batches_per_epoch = block_size, batches_per_epoch
         self.prepared_dir = prepared_dir
         self._texts: dict[str, str] = {}
 
@@ -210,15 +211,15 @@ class LanguageModelDataModule(TextDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         _, rank = self.world()
-        sampler = RandomOffsetSampler(len(dataset), self.batches_per_epoch * self.batch_size, self.seed, rank)
-        return self.resumable(self.data_loader(dataset, batch_size=self.batch_size, sampler=sampler,
+        batch_size = self.batching.batch_size
+        sampler = RandomOffsetSampler(len(dataset), self.batches_per_epoch * batch_size, self.seed, rank)
+        return self.resumable(self.data_loader(dataset, batch_size=batch_size, sampler=sampler,
                                                collate_fn=collate_blocks))
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts in file order, `batch_size` at a time."""
         prompts = self.dataset("predict")
-        return self.bucketed_loader(prompts, [1] * len(prompts), collate_prompts, None, self.batch_size,
-                                    shuffle=False, pool_size=1)
+        return self.bucketed_loader(prompts, [1] * len(prompts), collate_prompts, shuffle=False, pool_size=1)
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -247,5 +248,4 @@ class LanguageModelDataModule(TextDataModule):
         dataset = self.dataset(split)
         starts = list(range(0, len(dataset), self.block_size))
         windows = torch.utils.data.Subset(dataset, starts)
-        return self.bucketed_loader(windows, [1] * len(starts), collate_blocks, None, self.batch_size,
-                                    shuffle=False, pool_size=1)
+        return self.bucketed_loader(windows, [1] * len(starts), collate_blocks, shuffle=False, pool_size=1)

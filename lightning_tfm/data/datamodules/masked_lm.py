@@ -24,13 +24,16 @@ from lightning_tfm.data.datamodules.masked_lm_data import (
     collate_masked_lm,
     encode_with_masks,
 )
-from lightning_tfm.data.datamodules.splits import carve_validation, check_batching, check_file
+from lightning_tfm.data.datamodules.splits import carve_validation, check_file
 from lightning_tfm.data.prepare import Example, open_split
 from lightning_tfm.data.readers import Row, is_table, read_lines, read_table
+from lightning_tfm.data.settings import Batching, Tokenization, Truncation
 from lightning_tfm.data.streams import iter_lines
 from lightning_tfm.data.tokenize_workers import Framing, frame_fields
-from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+from lightning_tfm.data.tokenizers import SpecialTokens
 
+#: BERT's roles, as ClassificationDataModule's: a pretrained tokenizer serves fine-tuning as is
+_SPECIAL_TOKENS = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>", mask="<mask>")
 _STREAMS = {"train": 0, "val": 1, "test": 2}  # one mask stream per split, so no two splits share masks
 
 
@@ -39,9 +42,9 @@ class MaskedLMDataModule(TextDataModule):
 
     A split is a plain text file with one example per line (stripped; blank lines skipped), or a `.tsv`/`.csv`/
     `.jsonl` table of which `text_column` is read (empty cells skipped); either may be compressed (`.gz`, `.xz`,
-    `.zst`). Each example is `cls + tokens + sep`, truncated to `max_len` with a warning. The tokenizer is trained
-    on the training split only. Masking happens in the collate function (see the module docstring); special tokens
-    and padding are never chosen.
+    `.zst`). Each example is `cls + tokens + sep`, cut to `truncation.max_len` with a warning (by default). The
+    tokenizer is trained on the training split only. Masking happens in the collate function (see the module
+    docstring); special tokens and padding are never chosen.
 
     Batches: "ids" (B, T) int64, the corrupted inputs; "mask" (B, T) bool (True = real token); "labels" (B, T)
     int64, the original id at chosen positions and -100 elsewhere; "index" (B,) int64, each example's position
@@ -56,50 +59,43 @@ class MaskedLMDataModule(TextDataModule):
         text_column: the column read from tables; ignored for plain text files.
         val_fraction: when val_path is None, hold out this random fraction of the training examples (drawn
             with seed) as validation; the tokenizer sees only the rest. Ignored when val_path is set.
-        max_len: most tokens per example, cls and sep included.
-        max_tokens: padded tokens per batch; None for fixed-size batches.
-        batch_size: most examples per batch (all of them when max_tokens is None).
         mask_prob: chance that an ordinary token is chosen (BERT: 0.15).
         replace_prob: chance that a chosen token becomes the mask token (BERT: 0.8).
         random_prob: chance that a chosen token becomes a random ordinary token (BERT: 0.1); the rest are kept.
         never_mask_most_frequent: the training split's k most frequent tokens are never chosen nor drawn as
             random replacements, like word2vec's subsampling of frequent words: the loss then teaches content
             words and topics instead of "the" and commas. 0 (BERT) treats every ordinary token alike.
-        tokenizer_path: an existing tokenizer.json; None trains one on the training texts.
-        tokenizer_dir: where the trained tokenizer is saved and reused.
-        tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
-        tokenizer_vocab_size: vocabulary size to train, special tokens included.
+        tokenization: the tokenizer (`settings.Tokenization`).
         special_tokens: pad, cls, sep and mask are required; the default matches ClassificationDataModule's, so
             a pretrained tokenizer serves fine-tuning as is.
-        num_workers: DataLoader worker processes.
+        batching: batch sizes (`settings.Batching`).
+        truncation: most tokens per example, cls and sep included, and what becomes of a longer one
+            (`settings.Truncation`; a cut keeps the sep).
         seed: seed of the batch order, the masks and the val_fraction split.
         prepared_dir: read the train, val and test ids from rows prepared in this folder (`lightning_tfm prepare
             --config CONFIG`, or the first `fit`), memory-mapped, so a corpus larger than memory trains with flat
             memory; a plain text file is streamed while it is prepared. A change to the raw files, the tokenizer or
-            the settings (text_column, val_fraction and seed, max_len) is refused until the data is prepared
+            the settings (text_column, val_fraction and seed, truncation) is refused until the data is prepared
             again. A predict_path file is always read raw. None reads and tokenizes the raw files.
     """
 
+    tokenizer_home = "runs/tokenizers/masked_lm"
     required_specials = ("pad", "cls", "sep", "mask")
     row_names = {"text": "text"}
 
     def __init__(self, train_path: str = "../shared/data/sst2/train.tsv",
                  val_path: str | None = "../shared/data/sst2/dev.tsv", test_path: str | None = None,
                  predict_path: str | None = None, text_column: str = "sentence", val_fraction: float = 0.0,
-                 max_len: int = 128, max_tokens: int | None = None, batch_size: int | None = 32,
                  mask_prob: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1,
-                 never_mask_most_frequent: int = 0, tokenizer_path: str | None = None,
-                 tokenizer_dir: str = "runs/tokenizers/masked_lm",
-                 tokenizer_kind: TokenizerKind = "bpe", tokenizer_vocab_size: int = 8000,
-                 special_tokens: SpecialTokens = SpecialTokens(bos=None, eos=None, cls="<cls>", sep="<sep>",
-                                                               mask="<mask>"),
-                 num_workers: int = 0, seed: int = 0, prepared_dir: str | None = None) -> None:
-        super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
-                         num_workers, seed)
+                 never_mask_most_frequent: int = 0,
+                 tokenization: Tokenization = Tokenization(), special_tokens: SpecialTokens = _SPECIAL_TOKENS,
+                 batching: Batching = Batching(), truncation: Truncation = Truncation(longer="cut"),
+                 seed: int = 0, prepared_dir: str | None = None) -> None:
+        super().__init__(tokenization, special_tokens, batching, seed)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction}, must be in [0, 1)")
-        if max_len < 3:
-            raise ValueError(f"data.max_len={max_len}, must be >= 3 (cls, one token, sep)")
+        if truncation.max_len < 3:
+            raise ValueError(f"data.truncation.max_len={truncation.max_len}, must be >= 3 (cls, one token, sep)")
         if not 0.0 < mask_prob <= 1.0:
             raise ValueError(f"data.mask_prob={mask_prob}, must be in (0, 1]")
         if replace_prob < 0 or random_prob < 0 or replace_prob + random_prob > 1.0:
@@ -107,10 +103,9 @@ class MaskedLMDataModule(TextDataModule):
                              "with a sum <= 1")
         if never_mask_most_frequent < 0:
             raise ValueError(f"data.never_mask_most_frequent={never_mask_most_frequent}, must be >= 0")
-        check_batching(max_tokens, batch_size)
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.predict_path, self.text_column, self.val_fraction = predict_path, text_column, val_fraction
-        self.max_len, self.max_tokens, self.batch_size = max_len, max_tokens, batch_size
+        self.truncation = truncation
         self.mask_prob, self.replace_prob, self.random_prob = mask_prob, replace_prob, random_prob
         self.never_mask_most_frequent = never_mask_most_frequent
         self.prepared_dir = prepared_dir
@@ -155,6 +150,8 @@ class MaskedLMDataModule(TextDataModule):
         if split == "predict":
             return self._fill_mask_dataset(rows, texts)
         framed = frame_fields([self.encode(texts)], [self.framing(split, "text")], "int64")[0]
+        if framed.too_long is not None:
+            raise self.too_long(split, "text", rows[framed.too_long[0]].where, framed.too_long[1])
         if framed.cut:
             self.truncated(split, "text", len(framed.cut), len(rows), rows[framed.cut[0]].where)
         return MaskedLMDataset(framed.rows(), texts)
@@ -163,8 +160,7 @@ class MaskedLMDataModule(TextDataModule):
         """Batches in input order (no length sorting), so predictions come out in the order of the file."""
         dataset = self.dataset("predict")
         collate = functools.partial(collate_fill_mask, pad_id=self.pad_id)
-        return self.bucketed_loader(dataset, dataset.lengths(), collate, self.max_tokens, self.batch_size,
-                                    shuffle=False, pool_size=1)
+        return self.bucketed_loader(dataset, dataset.lengths(), collate, shuffle=False, pool_size=1)
 
     # --- prepared rows (data/prepare.py's Preparable): one "text" field, `cls tokens sep` ------------------
 
@@ -177,7 +173,8 @@ class MaskedLMDataModule(TextDataModule):
     def prepared_settings(self) -> dict[str, Any]:
         carve = self.val_fraction if self.val_path is None else 0.0
         return {"text_column": self.text_column, "val_fraction": carve, "seed": self.seed if carve else None,
-                "max_len": self.max_len, "special_tokens": self.special_tokens.tokens()}
+                "max_len": self.truncation.max_len, "truncate": self.truncation.cut,
+                "special_tokens": self.special_tokens.tokens()}
 
     def raw_examples(self, split: str) -> Iterator[Example]:
         """The split's texts as the raw path reads them; a plain text file (not carved by val_fraction) is
@@ -200,8 +197,10 @@ class MaskedLMDataModule(TextDataModule):
         return False          # the masks are drawn on ids; only predict shows texts, and it is read raw
 
     def framing(self, split: str, field: str) -> Framing:
-        """`cls tokens sep`, cut to max_len with a warning (masked-LM pretraining loses only the tail)."""
-        return Framing((self.special_ids.cls,), (self.special_ids.sep,), self.max_len, truncate=True)
+        """`cls tokens sep`, at most max_len: cut with a warning (masked-LM pretraining loses only the tail) or
+        refused (`truncation`)."""
+        return Framing((self.special_ids.cls,), (self.special_ids.sep,), self.truncation.max_len,
+                       self.truncation.cut)
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -238,9 +237,9 @@ class MaskedLMDataModule(TextDataModule):
             if specials.mask not in tokens:
                 raise ValueError(f"{row.where}: no {mask_token} in {text!r}; mark each token to fill in with "
                                  f"{mask_token}")
-            if len(tokens) + 2 > self.max_len:
+            if len(tokens) + 2 > self.truncation.max_len:
                 raise ValueError(f"{row.where}: {len(tokens) + 2} tokens with cls and sep, more than "
-                                 f"data.max_len={self.max_len}; shorten the text")
+                                 f"data.truncation.max_len={self.truncation.max_len}; shorten the text")
             ids.append([specials.cls, *tokens, specials.sep])
         return MaskedLMDataset(ids, texts)
 
@@ -251,8 +250,7 @@ class MaskedLMDataModule(TextDataModule):
                                     special_ids=self.never_masked(), vocab_size=self.vocab_size,
                                     mask_prob=self.mask_prob, replace_prob=self.replace_prob,
                                     random_prob=self.random_prob)
-        loader = self.bucketed_loader(dataset, dataset.lengths(), collate, self.max_tokens, self.batch_size, shuffle,
-                                      pool_size)
+        loader = self.bucketed_loader(dataset, dataset.lengths(), collate, shuffle, pool_size)
         # the same bucketed batches, each index paired with its batch's mask seed (see MaskSeedBatchSampler)
         batches = MaskSeedBatchSampler(loader.batch_sampler, self.seed, _STREAMS[split], per_epoch=shuffle)
         return self.data_loader(dataset, batch_sampler=batches, collate_fn=collate)

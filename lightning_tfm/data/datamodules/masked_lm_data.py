@@ -14,9 +14,11 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, Sampler
 
-from lightning_tfm.data.batching import BucketBatchSampler, derive_seed, pad_batch
+from lightning_tfm.data.batching import BucketBatchSampler, derive_seed
 from lightning_tfm.data.masking import mask_tokens
+from lightning_tfm.data.padding import pad_batch
 from lightning_tfm.data.prepare import PreparedSplit
+from lightning_tfm.data.shards import RowLengths
 
 
 @dataclass
@@ -68,9 +70,9 @@ class PreparedMaskedLMDataset(Dataset):
         mask_seed, i = key if isinstance(key, tuple) else (None, key)
         return {"index": i, "ids": self.rows[i].astype(np.int64), "text": None, "mask_seed": mask_seed}
 
-    def lengths(self) -> np.ndarray:
-        """Each example's length in tokens, from the row index alone."""
-        return self.rows.lengths()
+    def lengths(self) -> RowLengths:
+        """Each example's length in tokens, read from the row index a pool at a time (never one array)."""
+        return RowLengths(self.rows)
 
     def token_counts(self, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
         """(vocab_size,) how often each id occurs, counted a chunk of the mapped ids at a time (np.bincount of

@@ -1,5 +1,5 @@
 """Checks and helpers the DataModules share when they read their splits: the file behind a `data.<key>` path,
-the batching limits, and a seeded validation split carved from the training rows."""
+and a seeded validation split carved from the training rows."""
 
 from __future__ import annotations
 
@@ -18,15 +18,6 @@ def check_file(key: str, path: str) -> Path:
     if not found.is_file():
         raise FileNotFoundError(f"data.{key}={path} does not exist")
     return found
-
-
-def check_batching(max_tokens: int | None, batch_size: int | None) -> None:
-    """At least one of the two limits, each >= 1."""
-    if max_tokens is None and batch_size is None:
-        raise ValueError("data.max_tokens and data.batch_size are both None; set one (or both)")
-    for key, value in (("max_tokens", max_tokens), ("batch_size", batch_size)):
-        if value is not None and value < 1:
-            raise ValueError(f"data.{key}={value}, must be >= 1 or None")
 
 
 def carve_validation(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

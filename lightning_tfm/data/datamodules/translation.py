@@ -15,14 +15,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_tfm.data.batching import pad_batch
 from lightning_tfm.data.datamodules.base import TextDataModule
-from lightning_tfm.data.datamodules.splits import check_batching, check_file
+from lightning_tfm.data.datamodules.splits import check_file
+from lightning_tfm.data.padding import pad_batch
 from lightning_tfm.data.prepare import Example, PreparedSplit, open_split
 from lightning_tfm.data.readers import BlankLines, is_table, read_lines, read_pairs, read_table
+from lightning_tfm.data.settings import Batching, Tokenization, Truncation
+from lightning_tfm.data.shards import RowLengths
 from lightning_tfm.data.streams import iter_pairs
 from lightning_tfm.data.tokenize_workers import Framing, frame
-from lightning_tfm.data.tokenizers import SpecialTokens, TokenizerKind
+from lightning_tfm.data.tokenizers import SpecialTokens
 
 
 @dataclass
@@ -71,8 +73,9 @@ class PreparedTranslationDataset(Dataset):
         return {"index": i, "src": self.src[i].astype(np.int64), "tgt": self.tgt[i].astype(np.int64),
                 "source": source, "ref": ref}
 
-    def lengths(self) -> np.ndarray:
-        return np.maximum(self.src.lengths(), self.tgt.lengths())
+    def lengths(self) -> RowLengths:
+        """Each pair's longer side, read from the offsets indexes a pool at a time (never one array)."""
+        return RowLengths(self.src, self.tgt, combine=np.maximum)
 
 
 def collate_translation(items: list[dict[str, Any]], pad_id: int, pad_to_multiple: int = 8) -> dict[str, Any]:
@@ -111,21 +114,15 @@ class TranslationDataModule(TextDataModule):
         predict_path: a plain text file of source sentences, one a line, to translate; None predicts the test split.
         src_lang: source language code: the suffix of the source files, or the source column.
         tgt_lang: target language code.
-        max_len: most tokens in a source or target, its special tokens included.
-        truncate: cut longer sequences to max_len (keeping the eos) with a warning; False raises naming
-            the file and line.
         blank_lines: what a pair with a blank (empty or whitespace-only) source or target is in the train, val
             and test splits: "drop" leaves such pairs out with one warning counting them and naming the first
             file and line; "error" stops at the first, naming its file and line. Predict files are read as they
             are, one output per line.
-        max_tokens: padded tokens per batch, counted on the longer side; None for fixed-size batches.
-        batch_size: most pairs per batch (all of them when max_tokens is None); None for no cap.
-        tokenizer_path: an existing tokenizer.json; None trains one on the training split.
-        tokenizer_dir: where the trained tokenizer is saved and reused.
-        tokenizer_kind: "bpe", "wordpiece", "unigram", "byte_bpe" or "char".
-        tokenizer_vocab_size: joint vocabulary size to train, special tokens included.
+        tokenization: the joint tokenizer (`settings.Tokenization`).
         special_tokens: pad, unk, bos and eos are required.
-        num_workers: DataLoader worker processes.
+        batching: batch sizes (`settings.Batching`); max_tokens is counted on a pair's longer side.
+        truncation: most tokens in a source or a target, its special tokens included, and what becomes of a
+            longer one (`settings.Truncation`; a cut keeps the eos).
         seed: seed of the batch order.
         prepared_dir: read the train, val and test splits from rows prepared in this folder (`lightning_tfm
             prepare --config CONFIG`, or the first `fit`), memory-mapped, instead of reading and tokenizing the
@@ -133,30 +130,27 @@ class TranslationDataModule(TextDataModule):
             to the settings above is refused until the data is prepared again. None reads the raw files.
     """
 
+    tokenizer_home = "runs/tokenizers/translation"
     required_specials = ("pad", "bos", "eos")
     row_names = {"src": "source", "tgt": "target"}
 
     def __init__(self, train_path: str = "../shared/data/multi30k/train",
                  val_path: str | None = "../shared/data/multi30k/val",
                  test_path: str | None = "../shared/data/multi30k/test2016", predict_path: str | None = None,
-                 src_lang: str = "en", tgt_lang: str = "de", max_len: int = 256, truncate: bool = False,
-                 blank_lines: BlankLines = "drop", max_tokens: int | None = 4096, batch_size: int | None = None,
-                 tokenizer_path: str | None = None,
-                 tokenizer_dir: str = "runs/tokenizers/translation", tokenizer_kind: TokenizerKind = "bpe",
-                 tokenizer_vocab_size: int = 8000, special_tokens: SpecialTokens = SpecialTokens(),
-                 num_workers: int = 0, seed: int = 0, prepared_dir: str | None = None) -> None:
-        super().__init__(tokenizer_path, tokenizer_dir, tokenizer_kind, tokenizer_vocab_size, special_tokens,
-                         num_workers, seed)
+                 src_lang: str = "en", tgt_lang: str = "de", blank_lines: BlankLines = "drop",
+                 tokenization: Tokenization = Tokenization(), special_tokens: SpecialTokens = SpecialTokens(),
+                 batching: Batching = Batching(max_tokens=4096, batch_size=None),
+                 truncation: Truncation = Truncation(max_len=256), seed: int = 0,
+                 prepared_dir: str | None = None) -> None:
+        super().__init__(tokenization, special_tokens, batching, seed)
         if src_lang == tgt_lang:
             raise ValueError(f"data.src_lang and data.tgt_lang are both {src_lang!r}; they must differ")
-        if max_len < 3:
-            raise ValueError(f"data.max_len={max_len}, must be >= 3 (bos, one token, eos)")
-        check_batching(max_tokens, batch_size)
+        if truncation.max_len < 3:
+            raise ValueError(f"data.truncation.max_len={truncation.max_len}, must be >= 3 (bos, one token, eos)")
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.predict_path = predict_path
         self.src_lang, self.tgt_lang = src_lang, tgt_lang
-        self.max_len, self.truncate, self.blank_lines = max_len, truncate, blank_lines
-        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.truncation, self.blank_lines = truncation, blank_lines
         self.prepared_dir = prepared_dir
         self._texts: dict[str, _Texts] = {}
 
@@ -201,8 +195,8 @@ class TranslationDataModule(TextDataModule):
         return {}
 
     def prepared_settings(self) -> dict[str, Any]:
-        return {"src_lang": self.src_lang, "tgt_lang": self.tgt_lang, "max_len": self.max_len,
-                "truncate": self.truncate, "blank_lines": self.blank_lines,
+        return {"src_lang": self.src_lang, "tgt_lang": self.tgt_lang, "max_len": self.truncation.max_len,
+                "truncate": self.truncation.cut, "blank_lines": self.blank_lines,
                 "special_tokens": self.special_tokens.tokens()}
 
     def source_files(self, split: str) -> list[str]:
@@ -225,7 +219,7 @@ class TranslationDataModule(TextDataModule):
         """A source is its tokens + eos, a target bos + tokens + eos; at most max_len each."""
         special = self.special_ids
         prefix = (special.bos,) if field == "tgt" else ()
-        return Framing(prefix, (special.eos,), self.max_len, self.truncate)
+        return Framing(prefix, (special.eos,), self.truncation.max_len, self.truncation.cut)
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -269,5 +263,4 @@ class TranslationDataModule(TextDataModule):
         dataset = self.dataset(split)
         lengths = dataset.lengths()
         collate = functools.partial(collate_translation, pad_id=self.pad_id)
-        return self.bucketed_loader(dataset, lengths, collate, self.max_tokens, self.batch_size, shuffle,
-                                    pool_size)
+        return self.bucketed_loader(dataset, lengths, collate, shuffle, pool_size)

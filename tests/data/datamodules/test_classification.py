@@ -3,13 +3,15 @@ import json
 
 import pytest
 import torch
+from datamodule_settings import build, merged
 
 from lightning_tfm.data import ClassificationDataModule
 
 
 def make(train, tok, **kw) -> ClassificationDataModule:
-    return ClassificationDataModule(**{**dict(train_path=str(train), val_path=None, tokenizer_dir=str(tok),
-                                              tokenizer_vocab_size=800, batch_size=64), **kw})
+    return build(ClassificationDataModule,
+                 **merged(dict(train_path=str(train), val_path=None,
+                           tokenization={"save_dir": str(tok), "vocab_size": 800}, batching={"batch_size": 64}), kw))
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +55,16 @@ def test_unseen_validation_label_names_file_and_line(sst2, tmp_path):
     val.write_text("sentence\tlabel\ngood \t1\nfine \tmaybe\n")
     with pytest.raises(ValueError, match=r"dev\.tsv:3: label 'maybe' is not one of the known labels \['0', '1'\] "
                                          r"\(data\.label_names, or those of the training split .*train\.tsv\)"):
-        make(sst2.train_path, sst2.tokenizer_dir, val_path=str(val)).setup("validate")
+        make(sst2.train_path, sst2.tokenization.save_dir, val_path=str(val)).setup("validate")
 
 
 def test_too_long_raises_naming_file_and_line(sst2):
-    short = make(sst2.train_path, sst2.tokenizer_dir, max_len=6, truncate=False)
+    short = make(sst2.train_path, sst2.tokenization.save_dir, truncation={"max_len": 6, "longer": "error"})
     lengths = [len(short.tokenizer.encode(s, add_special_tokens=False).ids) for s, _ in reference_rows(sst2.train_path)]
     first = next(i for i, n in enumerate(lengths) if n + 2 > 6)
     with pytest.raises(ValueError, match=rf"train\.tsv:{first + 2}: input has {lengths[first] + 2} tokens with its "
-                                         r"special tokens, more than data\.max_len=6; set data\.truncate=true"):
+                                         r"special tokens, more than data\.truncation\.max_len=6; set "
+                                         r"data\.truncation\.longer=cut"):
         short.setup("fit")
 
 
@@ -95,7 +98,7 @@ PAIRS = [{"premise": "a man is playing a guitar on the stage", "hypothesis": "a 
 def test_text_pairs_get_segments_and_longest_first_truncation(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", PAIRS)
     dm = make(tmp_path / "train.jsonl", tmp_path / "tok", text_column="premise", text_pair_column="hypothesis",
-              tokenizer_kind="char", max_len=32)
+              tokenization={"kind": "char"}, truncation={"max_len": 32})
     with pytest.warns(UserWarning, match=r"data\.train: truncated 40 of 60 inputs"):
         dm.setup("fit")
     sp = dm.special_ids
@@ -124,7 +127,7 @@ def test_multi_label_is_multi_hot(tmp_path):
                {"text": "nothing", "tags": ""}] * 10
     write_jsonl(tmp_path / "train.jsonl", records)
     dm = make(tmp_path / "train.jsonl", tmp_path / "tok", text_column="text", label_column="tags",
-              label_delimiter=",", tokenizer_kind="char")
+              label_delimiter=",", tokenization={"kind": "char"})
     assert dm.label_names == ["business", "sports"] and dm.multi_label
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -136,7 +139,7 @@ def test_multi_label_is_multi_hot(tmp_path):
 def test_predict_file_without_labels(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
     write_jsonl(tmp_path / "new.jsonl", [{"text": t} for t in ["good bad", "bad", "xoz"]])
-    dm = make(tmp_path / "train.jsonl", tmp_path / "tok", text_column="text", tokenizer_kind="char",
+    dm = make(tmp_path / "train.jsonl", tmp_path / "tok", text_column="text", tokenization={"kind": "char"},
               predict_path=str(tmp_path / "new.jsonl"))
     batch = next(iter(dm.predict_dataloader()))
     assert set(batch) == {"ids", "mask", "index"} and batch["index"].tolist() == [0, 1, 2]
@@ -149,7 +152,7 @@ def test_argument_errors(tmp_path):
         make(tmp_path / "train.jsonl", tmp_path / "tok", text_column="text").label_names
     with pytest.raises(ValueError, match=r"data\.val_fraction=1\.0, must be in \[0, 1\)"):
         make(tmp_path / "train.jsonl", tmp_path, val_fraction=1.0)
-    with pytest.raises(ValueError, match=r"data\.max_tokens and data\.batch_size are both None"):
-        make(tmp_path / "train.jsonl", tmp_path, batch_size=None)
+    with pytest.raises(ValueError, match=r"data\.batching\.max_tokens and data\.batching\.batch_size are both None"):
+        make(tmp_path / "train.jsonl", tmp_path, batching={"batch_size": None})
     with pytest.raises(FileNotFoundError, match=r"data\.train_path=.*nope\.tsv does not exist"):
         make(tmp_path / "nope.tsv", tmp_path).label_names

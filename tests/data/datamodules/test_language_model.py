@@ -2,14 +2,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from datamodule_settings import build, merged
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_tfm.data import LanguageModelDataModule
 
 
 def make(train, tok, **kw) -> LanguageModelDataModule:
-    return LanguageModelDataModule(**{**dict(train_path=str(train), tokenizer_dir=str(tok), block_size=32,
-                                             batch_size=8, batches_per_epoch=5), **kw})
+    return build(LanguageModelDataModule,
+                 **merged(dict(train_path=str(train), tokenization={"save_dir": str(tok)}, block_size=32,
+                           batching={"batch_size": 8}, batches_per_epoch=5), kw))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_separate_files_and_a_subword_tokenizer(shakespeare_small, tmp_path):
     (tmp_path / "train.txt").write_text(text[:80_000], encoding="utf-8")
     (tmp_path / "val.txt").write_text(text[80_000:], encoding="utf-8")
     dm = make(tmp_path / "train.txt", tmp_path / "tok", val_path=str(tmp_path / "val.txt"),
-              tokenizer_kind="byte_bpe", tokenizer_vocab_size=500)
+              tokenization={"kind": "byte_bpe", "vocab_size": 500})
     dm.setup("fit")
     assert dm.vocab_size == 500
     val = dm.dataset("val").tokens
@@ -83,7 +85,8 @@ def test_separate_files_and_a_subword_tokenizer(shakespeare_small, tmp_path):
 def test_prompts_for_generation_keep_file_order(lm, tmp_path):
     prompts = ["ROMEO:", "First Citizen:  Before", "What, ho!"] * 4
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
-    dm = make(lm.train_path, lm.tokenizer_dir, predict_path=str(tmp_path / "prompts.txt"), batch_size=5)
+    dm = make(lm.train_path, lm.tokenization.save_dir, predict_path=str(tmp_path / "prompts.txt"),
+              batching={"batch_size": 5})
     batches = list(dm.predict_dataloader())
     assert [len(b["prompts"]) for b in batches] == [5, 5, 2]
     assert [t for b in batches for t in b["texts"]] == prompts
@@ -91,20 +94,20 @@ def test_prompts_for_generation_keep_file_order(lm, tmp_path):
     assert [dm.tokenizer.decode(p) for b in batches for p in b["prompts"]] == prompts
     (tmp_path / "prompts.txt").write_text("ROMEO:\n\nJULIET:\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"prompts\.txt:2: empty prompt"):
-        make(lm.train_path, lm.tokenizer_dir, predict_path=str(tmp_path / "prompts.txt")).setup("predict")
+        make(lm.train_path, lm.tokenization.save_dir, predict_path=str(tmp_path / "prompts.txt")).setup("predict")
 
 
 def test_errors(lm, tmp_path):
     with pytest.raises(ValueError, match=r"data\.val has \d+ tokens, fewer than data\.block_size \+ 1 = 20001"):
-        make(lm.train_path, lm.tokenizer_dir, block_size=20_000).setup("fit")
+        make(lm.train_path, lm.tokenization.save_dir, block_size=20_000).setup("fit")
     with pytest.raises(ValueError, match=r"data\.block_size=0, must be >= 1"):
-        make(lm.train_path, lm.tokenizer_dir, block_size=0)
+        make(lm.train_path, lm.tokenization.save_dir, block_size=0)
     with pytest.raises(FileNotFoundError, match=r"data\.test_path=.*missing\.txt does not exist"):
-        make(lm.train_path, lm.tokenizer_dir, test_path=str(tmp_path / "missing.txt")).setup("test")
+        make(lm.train_path, lm.tokenization.save_dir, test_path=str(tmp_path / "missing.txt")).setup("test")
 
 
 def test_resuming_mid_epoch_with_another_number_of_processes_is_refused(shakespeare_small, tmp_path):
-    dm = LanguageModelDataModule(train_path=str(shakespeare_small), tokenizer_dir=str(tmp_path))
+    dm = build(LanguageModelDataModule, train_path=str(shakespeare_small), tokenization={"save_dir": str(tmp_path)})
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, state=SimpleNamespace(fn=TrainerFn.FITTING))
     with pytest.raises(ValueError, match=r"stopped 5 batches into epoch 1 of a run with 2 processes, and this run "
                                          r"has 1: .* resume on 2 devices, or from a checkpoint written at the end"):

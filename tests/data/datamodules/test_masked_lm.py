@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from datamodule_settings import build, merged
 
 from lightning_tfm.data import MaskedLMDataModule, SpecialTokens, train_tokenizer
 from lightning_tfm.data.datamodules.masked_lm_data import encode_with_masks
@@ -17,8 +18,9 @@ IGNORE = -100
 
 
 def make(train, tok, **kw) -> MaskedLMDataModule:
-    return MaskedLMDataModule(**{**dict(train_path=str(train), val_path=None, tokenizer_dir=str(tok),
-                                        tokenizer_vocab_size=800, batch_size=64), **kw})
+    return build(MaskedLMDataModule,
+                 **merged(dict(train_path=str(train), val_path=None,
+                           tokenization={"save_dir": str(tok), "vocab_size": 800}, batching={"batch_size": 64}), kw))
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +112,9 @@ def test_validation_masks_repeat_and_training_masks_change_every_epoch(data_dir,
     # workers, the epoch must reach the collate function in another process
     line = next(s for s in sentences(data_dir / "sst2" / "dev.tsv") if len(s) > 150)
     (tmp_path / "one.txt").write_text(line + "\n", encoding="utf-8")
-    data = make(tmp_path / "one.txt", tmp_path / "tok", val_path=str(tmp_path / "one.txt"), tokenizer_kind="char",
-                batch_size=1, max_len=256, num_workers=num_workers)
+    data = make(tmp_path / "one.txt", tmp_path / "tok", val_path=str(tmp_path / "one.txt"),
+                tokenization={"kind": "char"}, batching={"batch_size": 1, "num_workers": num_workers},
+                truncation={"max_len": 256})
     recorder = _Recorder()
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -131,11 +134,13 @@ def test_masks_do_not_depend_on_the_number_of_processes(mlm, split):
         return list(dm.train_dataloader() if split == "train" else dm.val_dataloader())
 
     single = batches(mlm)
-    ranked = []
+    ranked, first_seeds = [], []
     for rank in range(2):
-        dm = make(mlm.train_path, mlm.tokenizer_dir, val_path=mlm.val_path)
+        dm = make(mlm.train_path, mlm.tokenization.save_dir, val_path=mlm.val_path)
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what Lightning attaches under DDP
         ranked.append(batches(dm))
+        loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        first_seeds.append(next(iter(loader.batch_sampler))[0][0])    # (mask seed, index) of its first example
     split = []
     for b, batch in enumerate(single):  # global batch b is batch b // 2 of rank b % 2, with the same masks,
         theirs = ranked[b % 2][b // 2]  # except a batch split in two to even out an odd count (its first half)
@@ -145,34 +150,36 @@ def test_masks_do_not_depend_on_the_number_of_processes(mlm, split):
             continue
         assert torch.equal(batch["ids"], theirs["ids"]) and torch.equal(batch["labels"], theirs["labels"])
     assert len(split) == len(single) % 2
-    assert not torch.equal(ranked[0][0]["labels"][:1], ranked[1][0]["labels"][:1])
+    assert first_seeds[0] != first_seeds[1]                # the ranks' first batches draw different masks
 
 
 def test_plain_text_lines_jsonl_column_and_val_fraction(mlm, sst2_small, tmp_path):
     texts = sentences(sst2_small)[:200]
     (tmp_path / "train.txt").write_text("\n".join(texts[:100]) + "\n\n   \n" + "\n".join(texts[100:]) + "\n",
                                         encoding="utf-8")
-    dm = make(tmp_path / "train.txt", mlm.tokenizer_dir, tokenizer_path=str(Path(mlm.tokenizer_dir) / "tokenizer.json"),
-              val_fraction=0.1, seed=3)
+    dm = make(tmp_path / "train.txt", mlm.tokenization.save_dir,
+              tokenization={"path": str(Path(mlm.tokenization.save_dir) / "tokenizer.json")}, val_fraction=0.1, seed=3)
     train, val = dm.dataset("train"), dm.dataset("val")
     assert (len(train), len(val)) == (180, 20)
     assert sorted(train.texts + val.texts) == sorted(texts)                    # blank lines skipped
     assert [dm.tokenizer.decode(x) for x in val.ids] == val.texts
-    again = make(tmp_path / "train.txt", mlm.tokenizer_dir, val_fraction=0.1, seed=3,
-                 tokenizer_path=str(Path(mlm.tokenizer_dir) / "tokenizer.json"))
+    again = make(tmp_path / "train.txt", mlm.tokenization.save_dir, val_fraction=0.1, seed=3,
+                 tokenization={"path": str(Path(mlm.tokenization.save_dir) / "tokenizer.json")})
     assert again.dataset("val").texts == val.texts
     (tmp_path / "val.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in
                                                 enumerate(texts[:30])), encoding="utf-8")
-    table = make(tmp_path / "train.txt", mlm.tokenizer_dir, val_path=str(tmp_path / "val.jsonl"), text_column="text",
-                 tokenizer_path=str(Path(mlm.tokenizer_dir) / "tokenizer.json"))
+    table = make(tmp_path / "train.txt", mlm.tokenization.save_dir, val_path=str(tmp_path / "val.jsonl"),
+                 text_column="text",
+                 tokenization={"path": str(Path(mlm.tokenization.save_dir) / "tokenizer.json")})
     assert table.dataset("val").texts == texts[:30]
 
 
 def test_truncation_keeps_cls_and_sep(mlm, sst2_small):
-    short = make(sst2_small, mlm.tokenizer_dir, max_len=8)
+    short = make(sst2_small, mlm.tokenization.save_dir, truncation={"max_len": 8})
     with pytest.warns(UserWarning) as caught:
         dataset = short.dataset("train")
-    assert any(re.fullmatch(r"data\.train: truncated \d+ of 3000 texts to data\.max_len=8 tokens \(first at "
+    assert any(re.fullmatch(r"data\.train: truncated \d+ of 3000 texts to data\.truncation\.max_len=8 tokens "
+                            r"\(first at "
                             r".*train\.tsv:\d+\)", str(w.message)) for w in caught)
     full = mlm.dataset("train").ids
     assert max(map(len, dataset.ids)) == 8
@@ -199,7 +206,8 @@ def test_mask_in_typed_text_matches_a_masked_training_text(sst2_small, kind, wit
 def test_predict_batches_keep_file_order_and_name_bad_lines(mlm, tmp_path):
     lines = ["a <mask> film", "<mask> is great .", "the <mask> <mask> of the year"] * 3
     (tmp_path / "fill.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    pred = make(mlm.train_path, mlm.tokenizer_dir, predict_path=str(tmp_path / "fill.txt"), batch_size=4)
+    pred = make(mlm.train_path, mlm.tokenization.save_dir, predict_path=str(tmp_path / "fill.txt"),
+                batching={"batch_size": 4})
     batches = list(pred.predict_dataloader())
     assert set(batches[0]) == {"ids", "mask", "index", "texts"}
     assert [len(b["texts"]) for b in batches] == [4, 4, 1]
@@ -211,10 +219,12 @@ def test_predict_batches_keep_file_order_and_name_bad_lines(mlm, tmp_path):
     assert [int((b["ids"] == 4).sum()) for b in batches] == [5, 5, 2]
     (tmp_path / "fill.txt").write_text("a <mask> film\njust text\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"fill\.txt:2: no <mask> in 'just text'; mark each token to fill in"):
-        make(mlm.train_path, mlm.tokenizer_dir, predict_path=str(tmp_path / "fill.txt")).setup("predict")
+        make(mlm.train_path, mlm.tokenization.save_dir, predict_path=str(tmp_path / "fill.txt")).setup("predict")
     (tmp_path / "fill.txt").write_text("a <mask> film " + "and more " * 20 + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"fill\.txt:1: \d+ tokens with cls and sep, more than data\.max_len=16"):
-        make(mlm.train_path, mlm.tokenizer_dir, predict_path=str(tmp_path / "fill.txt"), max_len=16).setup("predict")
+    with pytest.raises(ValueError, match=r"fill\.txt:1: \d+ tokens with cls and sep, more than "
+                                         r"data\.truncation\.max_len=16"):
+        make(mlm.train_path, mlm.tokenization.save_dir, predict_path=str(tmp_path / "fill.txt"),
+             truncation={"max_len": 16}).setup("predict")
 
 
 def test_errors(mlm, tmp_path):
@@ -223,8 +233,8 @@ def test_errors(mlm, tmp_path):
     with pytest.raises(ValueError, match=r"data\.replace_prob=0\.8 and data\.random_prob=0\.3 must be >= 0 with a "
                                          r"sum <= 1"):
         make(mlm.train_path, tmp_path, random_prob=0.3)
-    with pytest.raises(ValueError, match=r"data\.max_len=2, must be >= 3 \(cls, one token, sep\)"):
-        make(mlm.train_path, tmp_path, max_len=2)
+    with pytest.raises(ValueError, match=r"data\.truncation\.max_len=2, must be >= 3 \(cls, one token, sep\)"):
+        make(mlm.train_path, tmp_path, truncation={"max_len": 2})
     with pytest.raises(ValueError, match=r"train\.tsv:1: no column 'text' in the header; available columns: "
                                          r"\['sentence', 'label'\]"):
         make(mlm.train_path, tmp_path, text_column="text").vocab_size
@@ -232,7 +242,7 @@ def test_errors(mlm, tmp_path):
     with pytest.raises(ValueError, match=r"blank\.txt holds no text, only whitespace \(4 bytes\)"):
         make(tmp_path / "blank.txt", tmp_path).vocab_size
     with pytest.raises(FileNotFoundError, match=r"data\.test_path=.*missing\.txt does not exist"):
-        make(mlm.train_path, mlm.tokenizer_dir, test_path=str(tmp_path / "missing.txt")).setup("test")
+        make(mlm.train_path, mlm.tokenization.save_dir, test_path=str(tmp_path / "missing.txt")).setup("test")
 
 
 def test_val_fraction_holds_out_the_rows_classification_holds_out(ag_news_small, tmp_path):
@@ -240,8 +250,8 @@ def test_val_fraction_holds_out_the_rows_classification_holds_out(ag_news_small,
     from lightning_tfm.data import ClassificationDataModule
 
     ours = make(ag_news_small, tmp_path, val_fraction=0.1, text_column="text", seed=5)
-    theirs = ClassificationDataModule(train_path=str(ag_news_small), val_path=None, val_fraction=0.1,
-                                      text_column="text", tokenizer_dir=str(tmp_path), seed=5)
+    theirs = build(ClassificationDataModule, train_path=str(ag_news_small), val_path=None, val_fraction=0.1,
+                   text_column="text", tokenization={"save_dir": str(tmp_path)}, seed=5)
     lines = [r.line for r in ours._split_rows("val")]
     assert len(lines) == 200 and lines == [r.line for r in theirs._split_rows("val")]
 

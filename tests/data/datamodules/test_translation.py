@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from datamodule_settings import build, merged
 
 import lightning_tfm.data.datamodules.base as base
 from lightning_tfm.data import TranslationDataModule, load_tokenizer
@@ -18,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def make(d: Path, tok: Path, **kw) -> TranslationDataModule:
     args = dict(train_path=str(d / "train"), val_path=str(d / "val"), test_path=str(d / "test2016"),
-                tokenizer_dir=str(tok), tokenizer_vocab_size=1000, max_tokens=512)
-    return TranslationDataModule(**{**args, **kw})
+                tokenization={"save_dir": str(tok), "vocab_size": 1000}, batching={"max_tokens": 512})
+    return build(TranslationDataModule, **merged(args, kw))
 
 
 @pytest.fixture(scope="module")
@@ -78,36 +79,37 @@ def test_direction_flips_with_one_override(multi30k_small, tmp_path):
 
 
 def test_tokenizer_is_trained_once_then_reused(dm, multi30k_small, monkeypatch):
-    path = Path(dm.tokenizer_dir) / "tokenizer.json"
+    path = Path(dm.tokenization.save_dir) / "tokenizer.json"
     assert json.loads(path.with_name("tokenizer_source.json").read_text())["vocab_size"] == 1000
 
     def fail(*args, **kwargs):
         raise AssertionError("retrained")
 
     monkeypatch.setattr(base, "train_tokenizer", fail)
-    again = make(multi30k_small, dm.tokenizer_dir)
+    again = make(multi30k_small, dm.tokenization.save_dir)
     assert again.tokenizer.to_str() == dm.tokenizer.to_str()
-    from_path = make(multi30k_small, "unused", tokenizer_path=str(path))
+    from_path = make(multi30k_small, "unused", tokenization={"path": str(path)})
     assert from_path.tokenizer.to_str() == dm.tokenizer.to_str()
     with pytest.raises(AssertionError, match="retrained"):
-        make(multi30k_small, dm.tokenizer_dir, tokenizer_vocab_size=900).tokenizer  # settings changed
+        make(multi30k_small, dm.tokenization.save_dir, tokenization={"vocab_size": 900}).tokenizer  # settings changed
 
 
 def test_too_long_raises_naming_file_and_line(dm, multi30k_small):
-    short = make(multi30k_small, dm.tokenizer_dir, max_len=10)
+    short = make(multi30k_small, dm.tokenization.save_dir, truncation={"max_len": 10})
     lengths = [len(ids) for ids in dm.encode(read_lines(multi30k_small / "train.en"))]
     first = next(i for i, n in enumerate(lengths) if n + 1 > 10) + 1
     with pytest.raises(ValueError, match=rf"train\.en:{first}: source has {lengths[first - 1] + 1} tokens with its "
-                                         r"special tokens, more than data\.max_len=10; set data\.truncate=true"):
+                                         r"special tokens, more than data\.truncation\.max_len=10; set "
+                                         r"data\.truncation\.longer=cut"):
         short.setup("fit")
 
 
 def test_truncate_warns_and_keeps_eos(dm, multi30k_small):
-    short = make(multi30k_small, dm.tokenizer_dir, max_len=10, truncate=True)
+    short = make(multi30k_small, dm.tokenization.save_dir, truncation={"max_len": 10, "longer": "cut"})
     with pytest.warns(UserWarning) as caught:
         dataset = short.dataset("train")
     messages = [str(w.message) for w in caught]
-    assert any(re.fullmatch(r"data\.train: truncated \d+ of 2000 sources to data\.max_len=10 tokens "
+    assert any(re.fullmatch(r"data\.train: truncated \d+ of 2000 sources to data\.truncation\.max_len=10 tokens "
                             r"\(first at .*train\.en:\d+\)", m) for m in messages)
     assert any(re.fullmatch(r"data\.train: truncated \d+ of 2000 targets .*train\.de:\d+\)", m) for m in messages)
     assert max(map(len, dataset.src + dataset.tgt)) == 10
@@ -118,23 +120,24 @@ def test_file_errors(dm, tmp_path):
     (tmp_path / "x.en").write_text("a\nb\n")
     (tmp_path / "x.de").write_text("a\n")
     with pytest.raises(ValueError, match=r"x\.en has 2 lines but .*x\.de has 1"):
-        make(tmp_path, dm.tokenizer_dir, train_path=str(tmp_path / "x")).setup("fit")
+        make(tmp_path, dm.tokenization.save_dir, train_path=str(tmp_path / "x")).setup("fit")
     with pytest.raises(FileNotFoundError, match=r"data\.val_path=.*nope\.en does not exist"):
-        make(tmp_path, dm.tokenizer_dir, val_path=str(tmp_path / "nope")).setup("validate")
-    with pytest.raises(FileNotFoundError, match=r"data\.tokenizer_path=.*missing\.json does not exist; leave it unset"):
-        make(tmp_path, dm.tokenizer_dir, tokenizer_path=str(tmp_path / "missing.json")).vocab_size
+        make(tmp_path, dm.tokenization.save_dir, val_path=str(tmp_path / "nope")).setup("validate")
+    with pytest.raises(FileNotFoundError, match=r"data\.tokenization\.path=.*missing\.json does not exist; "
+                                                  r"leave it unset"):
+        make(tmp_path, dm.tokenization.save_dir, tokenization={"path": str(tmp_path / "missing.json")}).vocab_size
     with pytest.raises(ValueError, match="data.src_lang and data.tgt_lang are both 'en'"):
-        TranslationDataModule(src_lang="en", tgt_lang="en")
+        build(TranslationDataModule, src_lang="en", tgt_lang="en")
 
 
 def test_tokenizer_without_bos_is_rejected(dm, tmp_path):
-    tok = load_tokenizer(Path(dm.tokenizer_dir) / "tokenizer.json")
+    tok = load_tokenizer(Path(dm.tokenization.save_dir) / "tokenizer.json")
     data = json.loads(tok.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<s>"]
     del data["model"]["vocab"]["<s>"]
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"no token '<s>' for special_tokens\.bos"):
-        make(tmp_path, "unused", tokenizer_path=str(tmp_path / "tokenizer.json")).vocab_size
+        make(tmp_path, "unused", tokenization={"path": str(tmp_path / "tokenizer.json")}).vocab_size
 
 
 @pytest.mark.parametrize("suffix", ["tsv", "jsonl"])
@@ -145,7 +148,7 @@ def test_table_pairs(dm, multi30k_small, tmp_path, suffix):
         path.write_text("de\ten\n" + "".join(f"{d}\t{e}\n" for e, d in zip(en, de)), encoding="utf-8")
     else:
         path.write_text("".join(json.dumps({"en": e, "de": d}) + "\n" for e, d in zip(en, de)), encoding="utf-8")
-    table = make(multi30k_small, dm.tokenizer_dir, val_path=str(path))
+    table = make(multi30k_small, dm.tokenization.save_dir, val_path=str(path))
     got = {i: r for b in table.val_dataloader() for i, r in zip(b["index"].tolist(), b["refs"])}
     assert [got[i] for i in range(50)] == de
 
@@ -153,7 +156,8 @@ def test_table_pairs(dm, multi30k_small, tmp_path, suffix):
 def test_predict_file_keeps_input_order(dm, multi30k_small, tmp_path):
     lines = read_lines(multi30k_small / "test2016.en")[:37]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    pred = make(multi30k_small, dm.tokenizer_dir, predict_path=str(tmp_path / "in.txt"), max_tokens=128)
+    pred = make(multi30k_small, dm.tokenization.save_dir, predict_path=str(tmp_path / "in.txt"),
+                batching={"max_tokens": 128})
     batches = list(pred.predict_dataloader())
     assert set(batches[0]) == {"src", "src_mask", "index", "sources"}
     assert [i for b in batches for i in b["index"].tolist()] == list(range(37))
@@ -164,7 +168,7 @@ def test_predict_file_keeps_input_order(dm, multi30k_small, tmp_path):
 def test_ddp_ranks_get_equal_batch_counts_and_each_pair_exactly_once(dm, multi30k_small, split):
     loaders = []
     for rank in range(3):
-        ranked = make(multi30k_small, dm.tokenizer_dir)
+        ranked = make(multi30k_small, dm.tokenization.save_dir)
         ranked.trainer = SimpleNamespace(world_size=3, global_rank=rank)  # what Lightning attaches under DDP
         loaders.append(ranked.train_dataloader() if split == "train" else ranked.val_dataloader())
     assert len({len(loader) for loader in loaders}) == 1
@@ -202,7 +206,7 @@ class _Recorder(L.LightningModule):
 
 
 def test_lightning_trainer_fit_and_predict(dm, multi30k_small, tmp_path):
-    data = make(multi30k_small, dm.tokenizer_dir, max_tokens=2048)
+    data = make(multi30k_small, dm.tokenization.save_dir, batching={"max_tokens": 2048})
     model = _Recorder(data.vocab_size)
     trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
