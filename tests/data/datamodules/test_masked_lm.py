@@ -184,6 +184,11 @@ def test_truncation_keeps_cls_and_sep(mlm, sst2_small):
     full = mlm.dataset("train").ids
     assert max(map(len, dataset.ids)) == 8
     assert all(x == y[:7] + [3] if len(y) > 8 else x == y for x, y in zip(dataset.ids, full))
+    strict = make(sst2_small, mlm.tokenization.save_dir, truncation={"max_len": 8, "longer": "error"})
+    first = next(i for i, ids in enumerate(full) if len(ids) > 8)
+    with pytest.raises(ValueError, match=rf"train\.tsv:{first + 2}: text has {len(full[first])} tokens with its "
+                                         r"special tokens, more than data\.truncation\.max_len=8"):
+        strict.dataset("train")
 
 
 @pytest.mark.parametrize("kind, with_mask, text, position", [
