@@ -251,26 +251,31 @@ def flatness(corpora: list[dict]) -> dict:
             result[family] = {"from": small["name"], "to": big["name"],
                               "train_tokens": big["prepare"]["train_tokens"] / small["prepare"]["train_tokens"],
                               **{f"{step}_{kind}": big[step][kind] / small[step][kind] for step in ("prepare", "fit")
-                                 for kind in ("peak_rss_mib", "all_processes_pss_mib")}}
+                                 for kind in ("peak_rss_mib", "all_processes_pss_mib", "all_processes_anon_pss_mib")
+                                 if kind in small[step]}}
     return result
 
 
 def markdown(table: dict) -> str:
     """The table, one line per family on how memory grew with the corpus, and how it was measured."""
     lines = ["| corpus | examples | tokens | prepare s | examples/s | tokens/s | prepare peak RSS MiB | "
-             "fit peak RSS MiB | loader tok/s | model tok/s | loader/model |", "|---|" + "---:|" * 10]
+             "fit peak RSS MiB | fit anon PSS MiB | loader tok/s | model tok/s | loader/model |",
+             "|---|" + "---:|" * 11]
     for c in table["corpora"]:
         p, f = c["prepare"], c["fit"]
         lines.append(f"| {c['name']} | {p['examples']:,.0f} | {p['tokens']:,.0f} | {p['seconds']:.1f} | "
                      f"{p['examples_s']:,.0f} | {p['tokens_s']:,.0f} | {p['peak_rss_mib']:,.0f} | "
-                     f"{f['peak_rss_mib']:,.0f} | {c['loader']['tok_s']:,.0f} | {c['model']['tok_s']:,.0f} | "
+                     f"{f['peak_rss_mib']:,.0f} | {f.get('all_processes_anon_pss_mib', float('nan')):,.0f} | "
+                     f"{c['loader']['tok_s']:,.0f} | {c['model']['tok_s']:,.0f} | "
                      f"{c['loader_over_model']:.1f} |")
     lines += [""] if table["flatness"] else []
     for family, g in table["flatness"].items():
         lines.append(f"- {family}: {g['from']} -> {g['to']} is x{g['train_tokens']:.2f} training tokens; peak RSS x"
                      f"{g['prepare_peak_rss_mib']:.2f} in prepare, x{g['fit_peak_rss_mib']:.2f} in fit; all "
                      f"processes' PSS x{g['prepare_all_processes_pss_mib']:.2f} in prepare, "
-                     f"x{g['fit_all_processes_pss_mib']:.2f} in fit.")
+                     f"x{g['fit_all_processes_pss_mib']:.2f} in fit; anonymous PSS (owned memory, without the "
+                     f"memory-mapped corpus's file pages) x{g.get('fit_all_processes_anon_pss_mib', float('nan')):.2f}"
+                     " in fit.")
     reused = [c["name"] for c in table["corpora"] if not c["corpus"]["generated"]]
     m, s = table["machine"], table["settings"]
     lines += ["", f"Corpora reused from an earlier run (same seed and size): {', '.join(reused)}." if reused else

@@ -29,7 +29,8 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def measure(argv: list[str], log: Path, cwd: Path, env: dict[str, str]) -> dict:
     """Run `argv` (its first item a path to an executable) in `cwd`, stdout and stderr to `log`: its exit code,
-    wall seconds, peak RSS of its largest process and peak PSS of all its processes, in MiB."""
+    wall seconds, peak RSS of its largest process, and peak PSS of all its processes, in all and anonymous only
+    (the memory they own, without the file pages of memory-mapped data, which the kernel may drop), in MiB."""
     log.parent.mkdir(parents=True, exist_ok=True)
     peak = log.with_suffix(".maxrss")
     peak.unlink(missing_ok=True)
@@ -45,7 +46,7 @@ def measure(argv: list[str], log: Path, cwd: Path, env: dict[str, str]) -> dict:
         sampler.join()
     rss = int(peak.read_text()) / 1024 if peak.is_file() else float("nan")      # ru_maxrss is in KiB on Linux
     return {"returncode": proc.returncode, "wall_s": seconds, "peak_rss_mib": rss,
-            "all_processes_pss_mib": sampler.peak / MIB}
+            "all_processes_pss_mib": sampler.peak / MIB, "all_processes_anon_pss_mib": sampler.peak_anon / MIB}
 
 
 def _tree(root: int) -> list[int]:
@@ -64,22 +65,27 @@ def _tree(root: int) -> list[int]:
     return found
 
 
-def _pss(pid: int) -> int:
+def _pss(pid: int) -> tuple[int, int]:
+    """(PSS, anonymous PSS) of a process in bytes; (0, 0) once it is gone."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        return 0
-    found = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
-    return int(found.group(1)) * 1024 if found else 0
+        return 0, 0
+    found = [re.search(rf"^{key}:\s+(\d+) kB", text, re.M) for key in ("Pss", "Pss_Anon")]
+    return tuple(int(f.group(1)) * 1024 if f else 0 for f in found)
 
 
 class _TreeMemory(threading.Thread):
-    """The largest PSS summed over the descendants of a process, sampled every `interval` seconds."""
+    """The largest PSS, and anonymous PSS, summed over the descendants of a process, sampled every `interval`
+    seconds."""
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
-        self.pid, self.interval, self.peak, self.finished = pid, interval, 0, threading.Event()
+        self.pid, self.interval, self.finished = pid, interval, threading.Event()
+        self.peak = self.peak_anon = 0
 
     def run(self) -> None:
         while not self.finished.wait(self.interval):
-            self.peak = max(self.peak, sum(_pss(p) for p in _tree(self.pid)[1:]))     # [0]: the launcher
+            sizes = [_pss(p) for p in _tree(self.pid)[1:]]                               # [0]: the launcher
+            self.peak = max(self.peak, sum(s[0] for s in sizes))
+            self.peak_anon = max(self.peak_anon, sum(s[1] for s in sizes))

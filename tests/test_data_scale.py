@@ -75,6 +75,7 @@ def test_peak_memory_is_the_commands_own_not_the_callers(tmp_path):
     assert len(held) and measured["returncode"] == 0 and measured["wall_s"] >= 1
     assert 64 < measured["peak_rss_mib"] < 64 + 100                 # the command's bytes and its interpreter
     assert 64 < measured["all_processes_pss_mib"] < 64 + 100
+    assert 64 < measured["all_processes_anon_pss_mib"] <= measured["all_processes_pss_mib"]   # the bytearray's pages
     failed = peak_memory.measure([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"],
                                  tmp_path / "failed.log", tmp_path, dict(os.environ))
     assert failed["returncode"] == 3 and (tmp_path / "failed.log").read_text() == "out\n"
@@ -82,7 +83,7 @@ def test_peak_memory_is_the_commands_own_not_the_callers(tmp_path):
 
 def _corpus(name: str, tokens: float, rss: float, pss: float) -> dict:
     """A made-up record of one corpus, as data_scale.main writes it."""
-    measured = {"peak_rss_mib": rss, "all_processes_pss_mib": pss}
+    measured = {"peak_rss_mib": rss, "all_processes_pss_mib": pss, "all_processes_anon_pss_mib": pss / 2}
     return {"family": name.split("_")[0], "name": name, "corpus": {"generated": name != "mt_4"},
             "prepare": {"examples": tokens / 10, "tokens": tokens, "seconds": 2.0, "examples_s": tokens / 20,
                         "tokens_s": tokens / 2, "train_tokens": tokens - 100, **measured},
@@ -96,13 +97,14 @@ def test_flatness_compares_the_largest_corpus_with_the_smallest_and_the_table_sh
     assert set(growth) == {"mt"}                                     # a family needs two sizes
     assert growth["mt"] == {"from": "mt_1", "to": "mt_4", "train_tokens": 4.0, "prepare_peak_rss_mib": 1.2,
                             "prepare_all_processes_pss_mib": 1.25, "fit_peak_rss_mib": 1.2,
-                            "fit_all_processes_pss_mib": 1.25}
+                            "fit_all_processes_pss_mib": 1.25, "prepare_all_processes_anon_pss_mib": 1.25,
+                            "fit_all_processes_anon_pss_mib": 1.25}
     table = {"corpora": corpora, "flatness": growth, "settings": {"workers": 2, "steps": 30, "loader_batches": 200,
                                                                  "model_steps": 20},
              "machine": {"cpu": "a CPU", "cores": 2, "torch": "2.x", "torch_threads": 1, "load_before": [1.0] * 3,
                          "load_after": [2.0] * 3}}
     text = data_scale.markdown(table)
-    assert "| mt_1 | 100 | 1,000 | 2.0 | 50 | 500 | 250 | 500 | 5,000 | 400 | 12.5 |" in text.splitlines()
+    assert "| mt_1 | 100 | 1,000 | 2.0 | 50 | 500 | 250 | 500 | 400 | 5,000 | 400 | 12.5 |" in text.splitlines()
     assert "- mt: mt_1 -> mt_4 is x4.00 training tokens; peak RSS x1.20 in prepare, x1.20 in fit" in text
     assert "Corpora reused from an earlier run (same seed and size): mt_4." in text
 
